@@ -1,0 +1,74 @@
+"""Per-sample gradients ``J_iᵀ w_ic`` for many output-space vectors at once (``torch.func.vmap``).
+
+Empirical, Monte-Carlo and exact-diagonal Fishers all reduce to sums of outer products of
+per-sample gradients; they differ only in the output-space vectors ``w_ic``:
+the score of the observed label, the score of sampled labels, or the columns of ``√F_out``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from npg.families import Family
+from npg.fisher.base import FisherOperator
+from npg.model import FunctionalModel, Inputs
+
+
+def output_scores(family: Family, out: Tensor, y: Tensor) -> Tensor:
+    """``∂ log p(y_i | out_i) / ∂ out_i`` for every row, shape ``(N, K)``."""
+    out = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (score,) = torch.autograd.grad(family.log_prob(out, y).sum(), out)
+    return score
+
+
+def per_sample_grads(fmodel: FunctionalModel, inputs: Inputs, w: Tensor) -> Tensor:
+    """Flat per-sample gradients ``g_ic = J_iᵀ w_ic``; ``w`` is ``(N, C, K)``, result ``(N, C, dim)``.
+
+    Each sample is pushed through the model on its own (a batch of one), so the result is a true
+    per-sample gradient, never a piece of the batch-mean gradient.
+    """
+    params = fmodel.detached_params()
+    tup = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def contracted(p, w_ic, *x_i):
+        out_i = fmodel(p, tuple(t.unsqueeze(0) for t in x_i)).squeeze(0)
+        return (out_i * w_ic).sum()
+
+    per_column = vmap(grad(contracted), in_dims=(None, 0) + (None,) * len(tup))  # over c
+    per_sample = vmap(per_column, in_dims=(None, 0) + (0,) * len(tup))  # over i
+    grads = per_sample(params, w, *tup)
+    n, c = w.shape[:2]
+    return torch.cat([grads[name].reshape(n, c, -1) for name in fmodel.names], -1)
+
+
+def sampled_scores(
+    family: Family, out: Tensor, n_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    """Output scores of ``n_samples`` labels drawn from the model per row, ``(N, S, K)``."""
+    return torch.stack(
+        [output_scores(family, out, family.sample(out, generator)) for _ in range(n_samples)], 1
+    )
+
+
+class OuterProductFisher(FisherOperator):
+    """``F = (1/(N·C)) Σ_ic g_ic g_icᵀ`` from stored per-sample gradients ``G`` (N, C, dim).
+
+    Storing ``G`` makes each product two matrix-vector multiplications, which is what CG wants;
+    memory is ``N·C·dim`` numbers.
+    """
+
+    def _set_gradients(self, g: Tensor) -> None:
+        self.grads = g.reshape(-1, self.dim)
+        self._scale = 1.0 / self.grads.shape[0]
+
+    def _mv(self, v: Tensor) -> Tensor:
+        return self.grads.T @ (self.grads @ v) * self._scale
+
+    def to_dense(self) -> Tensor:
+        return self.grads.T @ self.grads * self._scale
+
+    def diagonal(self) -> Tensor:
+        return self.grads.pow(2).sum(0) * self._scale

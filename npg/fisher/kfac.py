@@ -1,0 +1,310 @@
+"""K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) and EKFAC.
+
+Each ``nn.Linear`` / ``nn.Conv2d`` layer with weight ``W`` (and bias ``b``) gets the block
+``G ⊗ A`` over ``[W | b]`` (row-major), with
+
+* ``A = (1/(N·R)) Σ_i Σ_r ā_ir ā_irᵀ``, ``ā = [layer input, 1]`` (patches for a convolution),
+* ``G = (1/N) Σ_i Σ_r g_ir g_irᵀ``, ``g`` the gradient of ``log p`` w.r.t. the layer output,
+
+where ``r`` runs over the ``R`` positions that share the weight (1 for a plain linear layer:
+the "expand" approximation otherwise). The label source picks the Fisher it approximates:
+``exact`` backpropagates the columns of ``√F_out`` (type-2, no sampling noise), ``mc`` sampled
+labels, ``empirical`` the observed ones. Selected parameters outside such layers (a free log-std,
+say) get the matching diagonal block.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from npg.fisher._per_sample import output_scores, per_sample_grads, sampled_scores
+from npg.fisher.base import DirectlyInvertible
+from npg.model import FunctionalModel
+
+LABELS = ("exact", "mc", "empirical")
+INVERSES = ("pi", "eigen")
+
+
+@dataclass
+class KroneckerBlock:
+    """``G ⊗ A`` over one layer's ``[W | b]``; ``weight``/``bias`` are flat-vector slices."""
+
+    module: nn.Module
+    weight: slice
+    bias: slice | None
+    A: Tensor
+    G: Tensor
+    ekfac_scale: Tensor | None = None  # (dG, dA) eigenvalues in the Kronecker eigenbasis
+    _eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def matrix_view(self, v: Tensor) -> Tensor:
+        """The ``(dG, dA)`` matrix ``[V_W | V_b]`` of a flat vector's slice of this layer."""
+        vw = v[self.weight].reshape(self.G.shape[0], -1)
+        if self.bias is None:
+            return vw
+        return torch.cat([vw, v[self.bias].unsqueeze(1)], 1)
+
+    def scatter(self, m: Tensor, out: Tensor) -> None:
+        n_in = m.shape[1] - (self.bias is not None)
+        out[self.weight] = m[:, :n_in].reshape(-1)
+        if self.bias is not None:
+            out[self.bias] = m[:, n_in]
+
+    def eig(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self._eig is None:
+            la, qa = torch.linalg.eigh(self.A)
+            lg, qg = torch.linalg.eigh(self.G)
+            self._eig = (la.clamp_min(0), qa, lg.clamp_min(0), qg)
+        return self._eig
+
+
+class KFACFisher(DirectlyInvertible):
+    """Kronecker-factored Fisher for the Linear/Conv2d layers of an ``nn.Module``.
+
+    Args:
+        model: the module; its forward maps ``inputs`` to the ``(N, K)`` output.
+        inputs, family, params: as for every Fisher operator.
+        labels: ``"exact"`` (type-2), ``"mc"`` (``n_samples`` sampled labels, ``seed``) or
+            ``"empirical"`` (needs ``targets``).
+        inverse: ``"pi"`` for ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` (π-damping), or
+            ``"eigen"`` for the exact damped inverse ``(G ⊗ A + λI)⁻¹`` via eigendecompositions.
+        ekfac: replace the Kronecker eigenvalues by per-sample second moments in the Kronecker
+            eigenbasis (George et al. 2018); implies ``inverse="eigen"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs,
+        family,
+        labels: str = "exact",
+        targets: Tensor | None = None,
+        n_samples: int = 1,
+        seed: int = 0,
+        inverse: str = "pi",
+        ekfac: bool = False,
+        params=None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError("K-FAC needs an nn.Module (it reads layer inputs through hooks)")
+        if labels not in LABELS:
+            raise ValueError(f"unknown K-FAC labels {labels!r}; accepted: {', '.join(LABELS)}")
+        if inverse not in INVERSES:
+            raise ValueError(f"unknown K-FAC inverse {inverse!r}; accepted: {', '.join(INVERSES)}")
+        if labels == "empirical" and targets is None:
+            raise ValueError("K-FAC with labels='empirical' needs targets=")
+        super().__init__(model, inputs, family, params)
+        self.labels, self.inverse, self.ekfac = labels, "eigen" if ekfac else inverse, ekfac
+        self._inverse_cache: dict[float, list] = {}
+
+        offsets = _offsets(self.fmodel)
+        layers = _kfac_layers(model, offsets)
+        covered = {p for m, _, _ in layers for p in _param_names(model, m)}
+        other = [n for n in self.fmodel.names if n not in covered]
+
+        out, captured = _forward_with_capture(model, inputs, [m for m, _, _ in layers])
+        w, norm = self._output_vectors(out.detach(), targets, n_samples, seed)
+        grads = _backward_columns(out, [o for _, o in captured], w)
+
+        self.blocks: list[KroneckerBlock] = []
+        for (module, wslice, bslice), (layer_in, _), g in zip(layers, captured, grads, strict=True):
+            a = _layer_rows(module, layer_in, with_bias=bslice is not None)  # (N, R, dA)
+            g = _grad_rows(module, g, self.n, w.shape[1])  # (N, C, R, dG)
+            r = a.shape[1]
+            A = torch.einsum("nri,nrj->ij", a, a) / (self.n * r)
+            G = torch.einsum("ncro,ncrp->op", g, g) / (self.n * norm)
+            block = KroneckerBlock(module, wslice, bslice, A, G)
+            if ekfac:
+                _, qa, _, qg = block.eig()
+                m = torch.einsum("ncro,op,nri,ij->ncpj", g, qg, a, qa)  # per-sample, eigenbasis
+                block.ekfac_scale = m.pow(2).sum((0, 1)) / (self.n * norm)
+            self.blocks.append(block)
+
+        self.diag_slices = [offsets[n] for n in other]
+        if other:
+            sub = FunctionalModel(model, other)
+            d = per_sample_grads(sub, inputs, w).pow(2).sum((0, 1)) / (self.n * norm)
+            self.diag_values = d.split([s.stop - s.start for s in self.diag_slices])
+        else:
+            self.diag_values = ()
+
+    def _output_vectors(self, out, targets, n_samples, seed) -> tuple[Tensor, int]:
+        """Output-space vectors ``w_ic`` (N, C, K) to backpropagate, and the 1/C normaliser."""
+        if self.labels == "exact":
+            return self.family.fisher_out_sqrt(out).transpose(1, 2), 1
+        if self.labels == "mc":
+            gen = torch.Generator(device=out.device).manual_seed(seed)
+            return sampled_scores(self.family, out, n_samples, gen), n_samples
+        return output_scores(self.family, out, targets).unsqueeze(1), 1
+
+    # --- products ------------------------------------------------------------------------------
+    def _mv(self, v: Tensor) -> Tensor:
+        out = torch.zeros_like(v)
+        for b in self.blocks:
+            m = b.matrix_view(v)
+            if b.ekfac_scale is None:
+                b.scatter(b.G @ m @ b.A, out)
+            else:
+                _, qa, _, qg = b.eig()
+                b.scatter(qg @ ((qg.T @ m @ qa) * b.ekfac_scale) @ qa.T, out)
+        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
+            out[s] = d * v[s]
+        return out
+
+    def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        """``(F̂ + λI)⁻¹ g`` blockwise, with π-damping or the exact eigen-damped inverse."""
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        inverses = self._inverse_cache.get(damping)
+        if inverses is None:
+            inverses = self._inverse_cache[damping] = [
+                self._block_inverse(b, damping) for b in self.blocks
+            ]
+        out = torch.zeros_like(g)
+        for b, inv in zip(self.blocks, inverses, strict=True):
+            m = b.matrix_view(g)
+            if inv[0] == "pi":
+                _, g_inv, a_inv = inv
+                b.scatter(g_inv @ m @ a_inv, out)
+            else:
+                _, qg, qa, denom = inv
+                b.scatter(qg @ ((qg.T @ m @ qa) / denom) @ qa.T, out)
+        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
+            denom = d + damping
+            if not bool((denom > 0).all()):
+                raise ValueError("K-FAC diagonal block is singular; pass damping > 0")
+            out[s] = g[s] / denom
+        return out
+
+    def _block_inverse(self, b: KroneckerBlock, damping: float) -> tuple:
+        if self.inverse == "eigen":
+            try:
+                la, qa, lg, qg = b.eig()
+            except torch.linalg.LinAlgError:
+                warnings.warn(
+                    f"K-FAC: eigendecomposition failed for {b.module}; using the π-damped "
+                    "inverse instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return self._pi_inverse(b, max(damping, 1e-8))
+            scale = b.ekfac_scale if b.ekfac_scale is not None else torch.outer(lg, la)
+            denom = scale + damping
+            if not bool((denom > 0).all()):
+                raise ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
+            return ("eigen", qg, qa, denom)
+        return self._pi_inverse(b, damping)
+
+    @staticmethod
+    def _pi_inverse(b: KroneckerBlock, damping: float) -> tuple:
+        da, dg = b.A.shape[0], b.G.shape[0]
+        ta, tg = float(torch.trace(b.A)) / da, float(torch.trace(b.G)) / dg
+        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        gamma = math.sqrt(damping)
+        eye_a = torch.eye(da, dtype=b.A.dtype, device=b.A.device)
+        eye_g = torch.eye(dg, dtype=b.G.dtype, device=b.G.device)
+        try:
+            a_inv = torch.linalg.inv(b.A + pi * gamma * eye_a)
+            g_inv = torch.linalg.inv(b.G + gamma / pi * eye_g)
+        except torch.linalg.LinAlgError:
+            raise ValueError(
+                "K-FAC factors are singular; pass damping > 0 to invert them"
+            ) from None
+        return ("pi", g_inv, a_inv)
+
+    def kronecker_factors(self) -> list[tuple[nn.Module, Tensor, Tensor]]:
+        """``(module, A, G)`` for every Kronecker block."""
+        return [(b.module, b.A, b.G) for b in self.blocks]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _offsets(fmodel: FunctionalModel) -> dict[str, slice]:
+    offsets, start = {}, 0
+    for name, numel in zip(fmodel.names, fmodel.numels, strict=True):
+        offsets[name] = slice(start, start + numel)
+        start += numel
+    return offsets
+
+
+def _param_names(model: nn.Module, module: nn.Module) -> list[str]:
+    ids = {id(p) for p in module.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def _kfac_layers(model: nn.Module, offsets: dict[str, slice]):
+    """``(module, weight slice, bias slice or None)`` for every supported layer whose weight is
+    selected. Grouped or non-zero-padded convolutions are left to the diagonal block."""
+    layers = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for module in model.modules():
+        supported = isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+        )
+        if not supported or names.get(id(module.weight)) not in offsets:
+            continue
+        bias_name = names.get(id(module.bias)) if module.bias is not None else None
+        if module.bias is not None and bias_name not in offsets:
+            continue  # weight selected without its bias: leave both to the diagonal
+        layers.append((module, offsets[names[id(module.weight)]], offsets.get(bias_name)))
+    return layers
+
+
+def _forward_with_capture(model: nn.Module, inputs, modules: list[nn.Module]):
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(module, args, output):
+        captured[id(module)] = (args[0].detach(), output)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.enable_grad():
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            out = model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [m for m in modules if id(m) not in captured]
+    if missing:
+        raise RuntimeError(f"K-FAC: layers not used in the forward pass: {missing}")
+    if out.ndim != 2:
+        raise ValueError(f"model output must be (N, K), got shape {tuple(out.shape)}")
+    return out, [captured[id(m)] for m in modules]
+
+
+def _backward_columns(out: Tensor, layer_outputs: list[Tensor], w: Tensor) -> list[Tensor]:
+    """Gradients of ``Σ_i out_i · w_ic`` w.r.t. every layer output, stacked over ``c``: each
+    ``(C, *layer_output.shape)``. Rows are per-sample because samples do not interact."""
+    if not layer_outputs:
+        return []
+    cols = []
+    for c in range(w.shape[1]):
+        cols.append(torch.autograd.grad(out, layer_outputs, w[:, c], retain_graph=True))
+    return [torch.stack([col[k] for col in cols]) for k in range(len(layer_outputs))]
+
+
+def _layer_rows(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
+    """Layer inputs as ``(N, R, d_in [+1])`` rows (patches for a convolution)."""
+    n = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        rows = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        rows = rows.transpose(1, 2)  # (N, L, C_in·kh·kw)
+    else:
+        rows = x.reshape(n, -1, x.shape[-1])
+    if with_bias:
+        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], -1)
+    return rows
+
+
+def _grad_rows(module: nn.Module, g: Tensor, n: int, c: int) -> Tensor:
+    """Layer-output gradients ``(C, N, ...)`` as ``(N, C, R, d_out)`` rows."""
+    if isinstance(module, nn.Conv2d):
+        g = g.flatten(3).transpose(2, 3)  # (C, N, L, C_out)
+    else:
+        g = g.reshape(c, n, -1, g.shape[-1])
+    return g.transpose(0, 1)

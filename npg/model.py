@@ -1,0 +1,114 @@
+"""A functional view of a model restricted to a chosen subset of its parameters.
+
+Every Fisher operator works on ``f(θ_sel, x) -> out`` where ``θ_sel`` is the dict of selected
+parameters and all other parameters are held fixed. The view accepts an ``nn.Module`` (called via
+``torch.func.functional_call``) or a plain function ``fn(params: dict, inputs) -> out`` together
+with its parameter dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Inputs = Tensor | tuple[Tensor, ...]
+ParamSelection = Iterable[str] | Iterable[Tensor] | Callable[[str, Tensor], bool] | None
+
+
+class FunctionalModel:
+    """``model`` as a function of the selected parameters.
+
+    Args:
+        model: an ``nn.Module`` whose forward returns the ``(N, K)`` output, or a function
+            ``fn(params, inputs)`` of a parameter dict.
+        params: which parameters the Fisher is taken over: names, tensors, a predicate
+            ``(name, tensor) -> bool``, or ``None`` for every parameter that requires grad.
+            For a function model, the full parameter dict must be passed as ``param_dict``.
+        param_dict: the parameter dict of a function model (ignored for modules).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[dict[str, Tensor], Inputs], Tensor],
+        params: ParamSelection = None,
+        param_dict: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        self.module = model if isinstance(model, nn.Module) else None
+        if self.module is not None:
+            all_params = dict(self.module.named_parameters())
+        elif param_dict is not None:
+            all_params = dict(param_dict)
+        else:
+            raise TypeError("a function model needs param_dict={name: tensor}")
+        self._fn = model
+        self.names = _select(all_params, params)
+        if not self.names:
+            raise ValueError("parameter selection is empty")
+        self.params: dict[str, Tensor] = {n: all_params[n] for n in self.names}
+        self.frozen: dict[str, Tensor] = {
+            n: p.detach() for n, p in all_params.items() if n not in self.params
+        }
+        self.shapes = [p.shape for p in self.params.values()]
+        self.numels = [p.numel() for p in self.params.values()]
+        self.dim = sum(self.numels)
+
+    def __call__(self, params: Mapping[str, Tensor], inputs: Inputs) -> Tensor:
+        """Evaluate with ``params`` replacing the selected parameters."""
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if self.module is not None:
+            return functional_call(self.module, {**self.frozen, **params}, args)
+        return self._fn({**self.frozen, **params}, *args)
+
+    def detached_params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    # --- flat <-> per-parameter conversions -------------------------------------------------
+    def flatten(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (in selection order) into one flat vector."""
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[n] for n in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (or a ``(dim, M)`` matrix, columns kept) into parameter shapes."""
+        if flat.shape[0] != self.dim:
+            raise ValueError(
+                f"expected a vector of length {self.dim}, got shape {tuple(flat.shape)}"
+            )
+        chunks = flat.split(self.numels)
+        tail = flat.shape[1:]
+        return {
+            n: c.reshape(*s, *tail) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
+        }
+
+
+def batch_size(inputs: Inputs) -> int:
+    return (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+
+
+def index_inputs(inputs: Inputs, idx: Tensor | slice) -> Inputs:
+    if isinstance(inputs, tuple):
+        return tuple(t[idx] for t in inputs)
+    return inputs[idx]
+
+
+def _select(all_params: dict[str, Tensor], params: ParamSelection) -> list[str]:
+    if params is None:
+        return [n for n, p in all_params.items() if p.requires_grad]
+    if callable(params):
+        return [n for n, p in all_params.items() if params(n, p)]
+    items = list(params)
+    if all(isinstance(x, str) for x in items):
+        unknown = sorted(set(items) - set(all_params))
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown}; known: {sorted(all_params)}")
+        wanted = set(items)
+        return [n for n in all_params if n in wanted]
+    ids = {id(x) for x in items}
+    names = [n for n, p in all_params.items() if id(p) in ids]
+    if len(names) != len(ids):
+        raise ValueError("some selected tensors are not parameters of the model")
+    return names
