@@ -1,0 +1,574 @@
+"""Supervised natural-gradient descent as a ``torch.optim.Optimizer``.
+
+Usage (the batch is passed to ``step`` because every Fisher is built on the current batch)::
+
+    loss_fn = nn.CrossEntropyLoss()
+    opt = NGD(model.parameters(), model=model, loss_fn=loss_fn, fisher="kfac", lr=1.0,
+              damping=1e-3)
+    for x, y in loader:
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure, inputs=x, targets=y)   # or opt.set_batch(x, y); opt.step(closure)
+
+The update is ``Δ = -α (C + λI)⁻¹ g`` where ``g`` is the gradient of the closure's loss and
+``C = s·F`` is the Fisher ``F`` (the *mean* over the batch of the likelihood's Fisher, as built by
+:mod:`npg.fisher`) scaled so that ``C`` is the generalized Gauss-Newton matrix of the loss
+itself: ``s = 1`` for mean-reduced cross-entropy / NLL and for mean-reduced MSE (whose Gaussian
+has ``σ² = K/2``), ``s = 1/K`` for mean-reduced ``BCEWithLogitsLoss`` over ``K`` outputs and
+``s = N`` for any ``reduction="sum"``. With ``lr=1`` and no damping the step is therefore the
+Gauss-Newton step of the loss (Newton's method for a GLM with its canonical link).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from npg.families import Bernoulli, Categorical, Family, GaussianRegression, get_family
+from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, KFACFisher, MCFisher
+from npg.fisher.kfac import KroneckerBlock
+from npg.model import FunctionalModel, Inputs, batch_size
+
+FISHERS = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
+SUPPORTED_LOSSES = (
+    "nn.CrossEntropyLoss / F.cross_entropy (Categorical)",
+    "nn.NLLLoss / F.nll_loss on log-probabilities (Categorical)",
+    "nn.BCEWithLogitsLoss / F.binary_cross_entropy_with_logits (Bernoulli)",
+    "nn.MSELoss / F.mse_loss (Gaussian)",
+)
+_STATE_KEY = "ngd"
+
+
+# --- likelihood inference --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Likelihood:
+    """The likelihood family behind a loss and how the loss's curvature relates to its Fisher.
+
+    Attributes:
+        family: the :class:`~npg.families.Family` whose mean Fisher ``F`` the operators build.
+        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        per_output_scale: ``s`` for a mean-reduced loss (``1/K`` for BCE over ``K`` outputs,
+            ``1`` otherwise); a sum-reduced loss has ``s = N``.
+        loss_name: the loss this was inferred from (for messages), or ``"family"``.
+    """
+
+    family: Family
+    reduction: str
+    per_output_scale: float = 1.0
+    loss_name: str = "family"
+
+    def scale(self, batch_size: int) -> float:
+        """``s`` with ``GGN(loss) = s · F`` for a batch of ``batch_size`` samples."""
+        return float(batch_size) if self.reduction == "sum" else self.per_output_scale
+
+
+def _loss_identity(loss_fn: Any) -> tuple[str, dict[str, Any]]:
+    """A canonical loss name and its keyword options, for modules, functions and partials."""
+    modules = {
+        nn.CrossEntropyLoss: "cross_entropy",
+        nn.NLLLoss: "nll",
+        nn.BCEWithLogitsLoss: "bce_with_logits",
+        nn.MSELoss: "mse",
+    }
+    for cls, name in modules.items():
+        if type(loss_fn) is cls:
+            opts = {"reduction": loss_fn.reduction}
+            for attr in ("weight", "pos_weight", "label_smoothing"):
+                opts[attr] = getattr(loss_fn, attr, None)
+            return name, opts
+    if isinstance(loss_fn, functools.partial):
+        name, opts = _loss_identity(loss_fn.func)
+        return name, {**opts, **loss_fn.keywords}
+    functions = {
+        F.cross_entropy: "cross_entropy",
+        F.nll_loss: "nll",
+        F.binary_cross_entropy_with_logits: "bce_with_logits",
+        F.mse_loss: "mse",
+    }
+    for fn, name in functions.items():
+        if loss_fn is fn:
+            return name, {"reduction": "mean"}
+    label = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+    raise ValueError(
+        f"NGD cannot map the loss {label!r} to a likelihood; supported losses: "
+        f"{'; '.join(SUPPORTED_LOSSES)}. Otherwise pass family= explicitly."
+    )
+
+
+def infer_likelihood(loss_fn: Any, out_dim: int | None = None) -> Likelihood:
+    """The likelihood whose negative log is ``loss_fn`` (up to constants and a scale).
+
+    ``out_dim`` (the model's output width ``K``) is needed for ``MSELoss`` with mean reduction,
+    whose Gaussian has ``σ = √(K/2)`` so that its mean Fisher equals the loss's Gauss-Newton
+    matrix ``(2/(N·K)) Σ_i J_iᵀJ_i``. Raises ``ValueError`` naming the loss for anything else
+    (other losses, ``reduction="none"``, class weights, label smoothing).
+    """
+    name, opts = _loss_identity(loss_fn)
+    reduction = opts.get("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"NGD needs a scalar loss; {name} has reduction={reduction!r}")
+    for attr in ("weight", "pos_weight"):
+        if opts.get(attr) is not None:
+            raise ValueError(f"NGD: {name} with {attr}= is not a likelihood it supports")
+    if opts.get("label_smoothing"):
+        raise ValueError(f"NGD: {name} with label_smoothing is not a likelihood it supports")
+    if name in ("cross_entropy", "nll"):
+        return Likelihood(Categorical(), reduction, 1.0, name)
+    if name == "bce_with_logits":
+        if reduction == "mean" and out_dim is None:
+            raise ValueError("BCEWithLogitsLoss with mean reduction needs the output width")
+        return Likelihood(Bernoulli(), reduction, 1.0 / (out_dim or 1), name)
+    # MSE: loss = c Σ_ik (y - out)²  with c = 1/(NK) (mean) or 1 (sum).
+    if reduction == "sum":
+        return Likelihood(GaussianRegression(math.sqrt(0.5)), "sum", 1.0, name)
+    if out_dim is None:
+        raise ValueError("MSELoss with mean reduction needs the output width")
+    return Likelihood(GaussianRegression(math.sqrt(out_dim / 2.0)), "mean", 1.0, name)
+
+
+# --- the running-average K-FAC curvature -------------------------------------------------------
+class _RunningKFAC:
+    """Exponential moving averages of K-FAC factors with inverses refreshed on demand."""
+
+    def __init__(self, inverse: str) -> None:
+        self.inverse = inverse
+        self.blocks: list[KroneckerBlock] = []
+        self.diag_slices: list[slice] = []
+        self.diag_values: list[Tensor] = []
+        self.inverses: list[tuple] | None = None
+        self.inverse_damping: float | None = None
+
+    def update(self, fisher: KFACFisher, decay: float) -> None:
+        """Fold one batch's factors into the averages (the first batch initialises them)."""
+        if not self.blocks:
+            self.blocks = [
+                KroneckerBlock(b.module, b.weight, b.bias, b.A.clone(), b.G.clone())
+                for b in fisher.blocks
+            ]
+            self.diag_slices = list(fisher.diag_slices)
+            self.diag_values = [d.clone() for d in fisher.diag_values]
+            return
+        for mine, new in zip(self.blocks, fisher.blocks, strict=True):
+            mine.A = decay * mine.A + (1 - decay) * new.A
+            mine.G = decay * mine.G + (1 - decay) * new.G
+            mine._eig = None
+        self.diag_values = [
+            decay * d + (1 - decay) * n
+            for d, n in zip(self.diag_values, fisher.diag_values, strict=True)
+        ]
+
+    def refresh_inverses(self, damping: float) -> None:
+        """Recompute the damped inverses of the current averages."""
+        self.inverses = [self._block_inverse(b, damping) for b in self.blocks]
+        self.inverse_damping = damping
+
+    def _block_inverse(self, b: KroneckerBlock, damping: float) -> tuple[str, Tensor, ...]:
+        if self.inverse == "eigen":
+            b._eig = None
+            la, qa, lg, qg = b.eig()
+            return ("eigen", qg, qa, torch.outer(lg, la) + damping)
+        da, dg = b.A.shape[0], b.G.shape[0]
+        ta, tg = float(torch.trace(b.A)) / da, float(torch.trace(b.G)) / dg
+        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        gamma = math.sqrt(damping)
+        a_inv = torch.linalg.inv(b.A + pi * gamma * torch.eye(da, dtype=b.A.dtype))
+        g_inv = torch.linalg.inv(b.G + gamma / pi * torch.eye(dg, dtype=b.G.dtype))
+        return ("pi", g_inv, a_inv)
+
+    def mv(self, v: Tensor) -> Tensor:
+        """``F̂ v`` with the averaged factors."""
+        out = torch.zeros_like(v)
+        for b in self.blocks:
+            b.scatter(b.G @ b.matrix_view(v) @ b.A, out)
+        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
+            out[s] = d * v[s]
+        return out
+
+    def solve(self, g: Tensor, damping: float) -> Tensor:
+        """``(F̂ + λI)⁻¹ g`` with the stored inverses (whose damping is that of their refresh)."""
+        if self.inverses is None:
+            raise RuntimeError("K-FAC inverses were never computed")
+        out = torch.zeros_like(g)
+        for b, inv in zip(self.blocks, self.inverses, strict=True):
+            m = b.matrix_view(g)
+            if inv[0] == "pi":
+                b.scatter(inv[1] @ m @ inv[2], out)
+            else:
+                _, qg, qa, denom = inv
+                b.scatter(qg @ ((qg.T @ m @ qa) / denom) @ qa.T, out)
+        lam = self.inverse_damping if self.inverse_damping is not None else damping
+        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
+            out[s] = g[s] / (d + lam)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "A": [b.A for b in self.blocks],
+            "G": [b.G for b in self.blocks],
+            "diag": list(self.diag_values),
+            "inverses": self.inverses,
+            "inverse_damping": self.inverse_damping,
+        }
+
+    def load(self, state: Mapping[str, Any], fisher_template: KFACFisher) -> None:
+        self.blocks = [
+            KroneckerBlock(b.module, b.weight, b.bias, a, g)
+            for b, a, g in zip(fisher_template.blocks, state["A"], state["G"], strict=True)
+        ]
+        self.diag_slices = list(fisher_template.diag_slices)
+        self.diag_values = list(state["diag"])
+        self.inverses = state["inverses"]
+        self.inverse_damping = state["inverse_damping"]
+
+
+# --- the optimizer -------------------------------------------------------------------------------
+class NGD(Optimizer):
+    """Natural-gradient descent for supervised learning (Amari 1998; Martens 2010/2014/2015).
+
+    Args:
+        params: the parameters to optimise (one parameter group: the step couples them all).
+        model: the ``nn.Module`` mapping a batch of inputs to the ``(N, K)`` output the loss reads.
+        loss_fn: the loss; its likelihood is inferred (see :func:`infer_likelihood`).
+        family: alternatively the likelihood family (name or instance); the closure's loss is
+            then taken to be the *mean* negative log-likelihood (``s = 1``).
+        fisher: ``"exact"`` (GGN, solved by CG), ``"mc"`` / ``"empirical"`` (per-sample
+            outer products, CG), ``"diagonal"``, ``"kfac"`` or ``"ekfac"``.
+        lr: step multiplier ``α``; ``1`` is the (damped) Gauss-Newton step.
+        max_kl: KL trust region: with ``lr=None`` every step is scaled to the boundary
+            ``½ ΔᵀFΔ = max_kl`` (mean KL between the model's predictive distributions); with a
+            ``lr`` the step ``lr·d`` is shrunk only when it would leave the region (KL clipping).
+        damping: Tikhonov damping ``λ`` added to the loss curvature ``C``.
+        adaptive_damping: Levenberg-Marquardt rule (Martens 2010): after each step the actual
+            loss reduction on the batch is compared with the quadratic model's prediction
+            ``-(gᵀΔ + ½ΔᵀCΔ)``; ``ρ > 3/4`` multiplies ``λ`` by ``lm_decrease``, ``ρ < 1/4`` by
+            ``lm_increase``. Costs one extra forward pass per step.
+        damping_bounds: ``λ`` is clamped to this interval by the adaptive rule.
+        momentum: heavy-ball coefficient on the natural direction (``0`` disables).
+        cg_iters, cg_tol: CG budget for ``exact`` / ``mc`` / ``empirical``.
+        n_samples, seed: sampled labels for ``mc`` (and K-FAC/diagonal with MC labels); the seed
+            advances by one per step, so runs are reproducible.
+        diagonal: variant of the ``diagonal`` flavour (``exact``, ``mc``, ``empirical``).
+        kfac_labels: label source of the K-FAC factors (``exact``, ``mc``, ``empirical``).
+        kfac_inverse: ``"pi"`` (π-damped Kronecker inverse) or ``"eigen"`` (exact damped inverse).
+        kfac_decay: running-average decay of the K-FAC factors (``0`` keeps the last batch only).
+        kfac_cov_interval: factors are re-estimated every this many steps.
+        kfac_inv_interval: inverses are recomputed (with the current ``λ``) every this many steps.
+            ``ekfac`` is rebuilt from the current batch at every step (no averaging).
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        model: nn.Module,
+        loss_fn: Any = None,
+        family: str | Family | None = None,
+        fisher: str = "kfac",
+        lr: float | None = 1.0,
+        max_kl: float | None = None,
+        damping: float = 1e-3,
+        adaptive_damping: bool = False,
+        damping_bounds: tuple[float, float] = (1e-8, 1e8),
+        lm_decrease: float = 2.0 / 3.0,
+        lm_increase: float = 1.5,
+        momentum: float = 0.0,
+        cg_iters: int = 20,
+        cg_tol: float = 1e-6,
+        n_samples: int = 1,
+        seed: int = 0,
+        diagonal: str = "exact",
+        kfac_labels: str = "exact",
+        kfac_inverse: str = "pi",
+        kfac_decay: float = 0.95,
+        kfac_cov_interval: int = 1,
+        kfac_inv_interval: int = 10,
+    ) -> None:
+        if fisher not in FISHERS:
+            raise ValueError(f"unknown Fisher {fisher!r}; accepted: {', '.join(FISHERS)}")
+        if lr is None and max_kl is None:
+            raise ValueError("NGD needs lr, max_kl, or both")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if max_kl is not None and not max_kl > 0:
+            raise ValueError(f"max_kl must be > 0, got {max_kl}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0 <= kfac_decay < 1:
+            raise ValueError(f"kfac_decay must be in [0, 1), got {kfac_decay}")
+        if kfac_cov_interval < 1 or kfac_inv_interval < 1:
+            raise ValueError("kfac_cov_interval and kfac_inv_interval must be >= 1")
+        if kfac_inverse not in ("pi", "eigen"):
+            raise ValueError(f"unknown kfac_inverse {kfac_inverse!r}; accepted: pi, eigen")
+        if (loss_fn is None) == (family is None):
+            raise ValueError("pass exactly one of loss_fn= (to infer the likelihood) or family=")
+        if not isinstance(model, nn.Module):
+            raise TypeError("NGD needs the nn.Module as model=")
+        defaults = dict(
+            lr=lr,
+            max_kl=max_kl,
+            damping=damping,
+            momentum=momentum,
+            cg_iters=cg_iters,
+            cg_tol=cg_tol,
+        )
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("NGD supports a single parameter group (its step couples them all)")
+        if loss_fn is not None:
+            _loss_identity(loss_fn)  # fail early on an unsupported loss
+        self.model = model
+        self.loss_fn = loss_fn
+        self.fisher = fisher
+        self.adaptive_damping = adaptive_damping
+        self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
+        self.lm_decrease, self.lm_increase = lm_decrease, lm_increase
+        self.n_samples, self.seed = n_samples, seed
+        self.diagonal_variant = diagonal
+        self.kfac_labels, self.kfac_inverse = kfac_labels, kfac_inverse
+        self.kfac_decay = kfac_decay
+        self.kfac_cov_interval, self.kfac_inv_interval = kfac_cov_interval, kfac_inv_interval
+        self._params = list(self.param_groups[0]["params"])
+        self.fmodel = FunctionalModel(model, self._params)
+        self._likelihood: Likelihood | None = (
+            Likelihood(get_family(family), "mean") if family is not None else None
+        )
+        self._batch: tuple[Inputs | None, Tensor | None] = (None, None)
+        self._kfac: _RunningKFAC | None = None
+        self._pending_kfac_state: Mapping[str, Any] | None = None
+        self.last_info: dict[str, Any] = {}
+
+    # --- batch and likelihood ------------------------------------------------------------------
+    def set_batch(self, inputs: Inputs, targets: Tensor | None = None) -> None:
+        """Set the batch the next :meth:`step` builds its Fisher on (``targets`` are needed by
+        the empirical Fisher and by the adaptive damping's loss re-evaluation)."""
+        self._batch = (inputs, targets)
+
+    @property
+    def likelihood(self) -> Likelihood | None:
+        """The likelihood in use (``None`` until the first step when it depends on ``K``)."""
+        return self._likelihood
+
+    def _get_likelihood(self, inputs: Inputs) -> Likelihood:
+        if self._likelihood is None:
+            with torch.no_grad():
+                args = inputs if isinstance(inputs, tuple) else (inputs,)
+                out = self.model(*(a[:1] for a in args))
+            self._likelihood = infer_likelihood(self.loss_fn, int(out.shape[-1]))
+        return self._likelihood
+
+    @property
+    def damping(self) -> float:
+        """The current damping ``λ`` (changes under the adaptive rule)."""
+        return float(self._gstate().get("damping", self.param_groups[0]["damping"]))
+
+    def _gstate(self) -> dict[str, Any]:
+        if _STATE_KEY not in self.state:
+            self.state[_STATE_KEY] = {"step": 0, "damping": self.param_groups[0]["damping"]}
+        return self.state[_STATE_KEY]
+
+    # --- curvature -----------------------------------------------------------------------------
+    def _curvature(
+        self, inputs: Inputs, targets: Tensor | None, family: Family, step: int, mu: float
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor, float], Tensor], dict]:
+        """``(F mv, (F + μI)⁻¹ solver, info)`` for this step's Fisher flavour; ``mu`` is the
+        damping on the Fisher's scale (K-FAC inverses are refreshed with it)."""
+        group = self.param_groups[0]
+        seed = self.seed + step
+        common = dict(params=self._params)
+        info: dict[str, Any] = {}
+        if self.fisher in ("exact", "mc", "empirical"):
+            if self.fisher == "exact":
+                op = ExactFisher(self.model, inputs, family, **common)
+            elif self.fisher == "mc":
+                op = MCFisher(self.model, inputs, family, self.n_samples, seed, **common)
+            else:
+                if targets is None:
+                    raise ValueError("the empirical Fisher needs targets (pass targets=)")
+                op = EmpiricalFisher(self.model, inputs, family, targets, **common)
+
+            def solve(g: Tensor, mu: float) -> Tensor:
+                res = op.cg(g, mu, max_iter=group["cg_iters"], tol=group["cg_tol"])
+                info.update(cg_iterations=res.iterations, cg_residual=res.residual)
+                return res.x
+
+            return op.mv, solve, info
+        if self.fisher == "diagonal":
+            op = DiagonalFisher(
+                self.model,
+                inputs,
+                family,
+                self.diagonal_variant,
+                targets,
+                self.n_samples,
+                seed,
+                **common,
+            )
+            return op.mv, op.inverse_mv, info
+        if self.fisher == "ekfac":
+            op = self._kfac_operator(inputs, targets, family, seed, ekfac=True)
+            return op.mv, op.inverse_mv, info
+        # running-average K-FAC
+        if self._kfac is None:
+            self._kfac = _RunningKFAC(self.kfac_inverse)
+        due = step % self.kfac_cov_interval == 0
+        if self._pending_kfac_state is not None:  # reattach loaded averages to the layers
+            op = self._kfac_operator(inputs, targets, family, seed)
+            self._kfac.load(self._pending_kfac_state, op)
+            self._pending_kfac_state = None
+            if due:
+                self._kfac.update(op, self.kfac_decay)
+                info["kfac_factors_updated"] = True
+        elif due or not self._kfac.blocks:
+            self._kfac.update(self._kfac_operator(inputs, targets, family, seed), self.kfac_decay)
+            info["kfac_factors_updated"] = True
+        if step % self.kfac_inv_interval == 0 or self._kfac.inverses is None:
+            self._kfac.refresh_inverses(mu)
+            info["kfac_inverses_updated"] = True
+        return self._kfac.mv, self._kfac.solve, info
+
+    def _kfac_operator(self, inputs, targets, family, seed, ekfac=False) -> KFACFisher:
+        return KFACFisher(
+            self.model,
+            inputs,
+            family,
+            self.kfac_labels,
+            targets,
+            self.n_samples,
+            seed,
+            inverse=self.kfac_inverse,
+            ekfac=ekfac,
+            params=self._params,
+        )
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        inputs: Inputs | None = None,
+        targets: Tensor | None = None,
+    ) -> Tensor | None:
+        """One natural-gradient step on the batch ``inputs`` (``targets``).
+
+        ``closure`` zeroes the gradients, computes the loss on the batch, calls ``backward`` and
+        returns the loss. Without a closure the gradients already in ``.grad`` are used (not
+        allowed with ``adaptive_damping``, which must re-evaluate the loss). Returns the loss
+        before the step. Diagnostics of the step are left in :attr:`last_info`.
+        """
+        if inputs is None:
+            inputs, batch_targets = self._batch
+            targets = batch_targets if targets is None else targets
+        if inputs is None:
+            raise ValueError("NGD.step needs the batch: step(closure, inputs=x, targets=y)")
+        if closure is None and self.adaptive_damping:
+            raise ValueError("adaptive damping needs a closure to measure the loss reduction")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        st = self._gstate()
+        k, lam = int(st["step"]), float(st["damping"])
+        lik = self._get_likelihood(inputs)
+        s = lik.scale(batch_size(inputs))
+
+        with torch.no_grad():
+            g = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in (self.fmodel.params[n] for n in self.fmodel.names)
+                ]
+            )
+        fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)
+        with torch.no_grad():
+            d = fsolve(g, lam / s) / s  # (sF + λI)⁻¹ g
+            if group["momentum"]:
+                buf = st.get("momentum_buffer")
+                d = d if buf is None else group["momentum"] * buf + d
+                st["momentum_buffer"] = d.clone()
+            dFd = float(d @ fmv(d))
+            alpha = group["lr"]
+            kl_scale = None
+            if group["max_kl"] is not None and dFd > 0 and math.isfinite(dFd):
+                kl_scale = math.sqrt(2 * group["max_kl"] / dFd)
+                alpha = kl_scale if alpha is None else min(alpha, kl_scale)
+            if alpha is None:  # max_kl only, but no curvature along d: take no step
+                alpha = 0.0
+            delta = -alpha * d
+            for name, part in self.fmodel.unflatten(delta).items():
+                self.fmodel.params[name].add_(part)
+            info.update(
+                alpha=alpha,
+                kl=0.5 * alpha**2 * dFd,
+                damping=lam,
+                grad_norm=float(g.norm()),
+                step_norm=float(delta.norm()),
+            )
+            predicted = float(g @ delta) + 0.5 * s * alpha**2 * dFd
+            info["predicted_change"] = predicted
+
+        if self.adaptive_damping and loss is not None:
+            new_loss = self._reevaluate(closure, inputs, targets)
+            actual = float(new_loss) - float(loss)
+            rho = actual / predicted if predicted < 0 else -math.inf
+            if rho > 0.75:
+                lam *= self.lm_decrease
+            elif rho < 0.25:
+                lam *= self.lm_increase
+            lam = min(max(lam, self.damping_bounds[0]), self.damping_bounds[1])
+            info.update(rho=rho, actual_change=actual, new_loss=float(new_loss))
+        st["damping"] = lam
+        st["step"] = k + 1
+        self.last_info = info
+        return loss
+
+    def _reevaluate(self, closure, inputs: Inputs, targets: Tensor | None) -> Tensor:
+        """The loss on the same batch after the step."""
+        if self.loss_fn is not None and targets is not None:
+            with torch.no_grad():
+                args = inputs if isinstance(inputs, tuple) else (inputs,)
+                return self.loss_fn(self.model(*args), targets)
+        with torch.enable_grad():
+            return closure().detach()
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The torch state dict; NGD's own state (step count, damping, momentum, K-FAC
+        averages and inverses) is stored under ``state["ngd"]``."""
+        st = dict(self._gstate())
+        if self._kfac is not None and self._kfac.blocks:
+            st["kfac"] = self._kfac.state()
+        elif self._pending_kfac_state is not None:
+            st["kfac"] = self._pending_kfac_state
+        sd = super().state_dict()
+        sd["state"] = {**sd["state"], _STATE_KEY: copy.deepcopy(st)}
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (the K-FAC averages are reattached to the
+        model's layers at the next step)."""
+        sd = dict(state_dict)
+        sd["state"] = dict(sd["state"])
+        ngd = copy.deepcopy(sd["state"].pop(_STATE_KEY, None))
+        super().load_state_dict(sd)
+        if ngd is not None:
+            kfac = ngd.pop("kfac", None)
+            self.state[_STATE_KEY] = ngd
+            self._kfac = None
+            self._pending_kfac_state = kfac
+            if kfac is not None and self.fisher == "kfac":
+                self._kfac = _RunningKFAC(self.kfac_inverse)

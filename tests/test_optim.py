@@ -1,0 +1,418 @@
+"""Tests of the supervised NGD optimizer against dense references built without npg.optim."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import dense_fisher
+from torch import nn
+from torch.func import functional_call
+
+from npg.families import Bernoulli, Categorical, GaussianRegression
+from npg.fisher import KFACFisher
+from npg.optim import NGD, infer_likelihood
+
+
+def _mlp(seed: int = 0, k: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k))
+
+
+def _data(n: int = 12, k: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _closure(opt, model, loss_fn, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _loss_grad_hessian(model, loss_fn, x, y):
+    """Gradient and Hessian of the loss w.r.t. the flat parameters (autograd, no npg)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = _flat(model)
+
+    def f(t):
+        chunks = dict(
+            zip(
+                names,
+                (
+                    c.reshape(s)
+                    for c, s in zip(t.split([s.numel() for s in shapes]), shapes, strict=True)
+                ),
+                strict=True,
+            )
+        )
+        return loss_fn(functional_call(model, chunks, (x,)), y)
+
+    g = torch.autograd.functional.jacobian(f, theta)
+    h = torch.autograd.functional.hessian(f, theta)
+    return g, h
+
+
+# --- one step against a dense solve -------------------------------------------------------------
+@pytest.mark.parametrize("flavour", ["exact", "diagonal", "kfac"])
+def test_step_is_minus_lr_inverse_fisher_gradient(flavour):
+    model, (x, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    lr, lam = 0.7, 1e-2
+    fisher = dense_fisher(model, x, Categorical())  # independent of npg
+    if flavour == "diagonal":
+        fisher = torch.diag(torch.diagonal(fisher))
+    elif flavour == "kfac":
+        fisher = KFACFisher(model, x, Categorical(), "exact", inverse="eigen").to_dense()
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher=flavour,
+        lr=lr,
+        damping=lam,
+        cg_iters=200,
+        cg_tol=1e-14,
+        kfac_inverse="eigen",
+    )
+    before = _flat(model)
+    g = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g])
+    expected = -lr * torch.linalg.solve(fisher + lam * torch.eye(len(g)), g)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, k, target_kind",
+    [
+        (nn.CrossEntropyLoss(), 3, "class"),
+        (nn.CrossEntropyLoss(reduction="sum"), 3, "class"),
+        (nn.BCEWithLogitsLoss(), 3, "binary"),
+        (nn.BCEWithLogitsLoss(reduction="sum"), 2, "binary"),
+        (nn.MSELoss(), 3, "real"),
+        (nn.MSELoss(reduction="sum"), 2, "real"),
+        (F.mse_loss, 1, "real"),
+    ],
+)
+def test_curvature_is_the_loss_hessian_for_canonical_glms(loss_fn, k, target_kind):
+    """For a linear model with a canonical link the GGN of the loss is its Hessian, so an exact
+    NGD step with lr=1 is the damped Newton step ``-(H + λI)⁻¹ g``: this pins the 1/K and N
+    scale factors of every reduction."""
+    torch.manual_seed(3)
+    model = nn.Linear(4, k)
+    g_ = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 4, generator=g_)
+    if target_kind == "class":
+        y = torch.randint(0, k, (10,), generator=g_)
+    elif target_kind == "binary":
+        y = torch.randint(0, 2, (10, k), generator=g_).double()
+    else:
+        y = torch.randn(10, k, generator=g_)
+    lam = 1e-3
+    grad, hess = _loss_grad_hessian(model, loss_fn, x, y)
+    expected = -torch.linalg.solve(hess + lam * torch.eye(len(grad)), grad)
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="exact",
+        lr=1.0,
+        damping=lam,
+        cg_iters=100,
+        cg_tol=1e-14,
+    )
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-7, atol=1e-12)
+
+
+# --- KL trust region ----------------------------------------------------------------------------
+def test_kl_trust_region_step_size():
+    model, (x, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    max_kl = 1e-6
+    fisher = dense_fisher(model, x, Categorical())
+    with torch.no_grad():
+        out_old = model(x)
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="exact",
+        lr=None,
+        max_kl=max_kl,
+        damping=1e-3,
+        cg_iters=100,
+    )
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    delta = _flat(model) - before
+    # the quadratic KL model sits exactly on the boundary ...
+    assert float(0.5 * delta @ fisher @ delta) == pytest.approx(max_kl, rel=1e-8)
+    # ... and the true mean KL of the predictive distributions is close to it (the quadratic
+    # model's relative error is O(√max_kl): 9% at 1e-4, 0.9% at 1e-6 for this model)
+    with torch.no_grad():
+        kl = Categorical().kl(out_old, model(x)).mean()
+    assert float(kl) == pytest.approx(max_kl, rel=0.02)
+    # the step points downhill
+    with torch.no_grad():
+        assert float(loss_fn(model(x), y)) < float(loss_fn(out_old, y))
+
+
+def test_kl_clipping_only_shrinks_large_steps():
+    x, y = _data()
+    loss_fn = nn.CrossEntropyLoss()
+    alphas = {}
+    for lr in (1e-3, 10.0):
+        model = _mlp()
+        opt = NGD(
+            model.parameters(),
+            model=model,
+            loss_fn=loss_fn,
+            fisher="exact",
+            lr=lr,
+            max_kl=1e-3,
+            damping=1e-3,
+        )
+        opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+        alphas[lr] = opt.last_info
+    assert alphas[1e-3]["alpha"] == 1e-3 and alphas[1e-3]["kl"] < 1e-3
+    assert alphas[10.0]["alpha"] < 10.0
+    assert alphas[10.0]["kl"] == pytest.approx(1e-3, rel=1e-9)
+
+
+# --- state dict ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("flavour", ["kfac", "mc", "diagonal"])
+def test_state_dict_round_trip_continues_identically(flavour):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(n=16, seed=s) for s in range(10)]
+    kwargs = dict(
+        loss_fn=loss_fn,
+        fisher=flavour,
+        lr=0.5,
+        damping=1e-2,
+        adaptive_damping=True,
+        momentum=0.5,
+        kfac_labels="mc",
+        kfac_decay=0.9,
+        kfac_cov_interval=2,
+        kfac_inv_interval=3,
+        diagonal="mc",
+        seed=7,
+    )
+
+    def run(model, opt, bs):
+        for x, y in bs:
+            opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+
+    ref = _mlp()
+    ref_opt = NGD(ref.parameters(), model=ref, **kwargs)
+    run(ref, ref_opt, batches)
+
+    first = _mlp()
+    opt = NGD(first.parameters(), model=first, **kwargs)
+    run(first, opt, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
+    run(first, opt, batches[5:6])  # training on after saving must not alter the checkpoint
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+
+    resumed = _mlp(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = NGD(resumed.parameters(), model=resumed, **kwargs)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.damping == pytest.approx(ckpt["opt"]["state"]["ngd"]["damping"])
+    run(resumed, opt2, batches[5:])
+    assert torch.equal(_flat(resumed), _flat(ref))
+    assert opt2.damping == ref_opt.damping
+
+
+# --- likelihood inference -----------------------------------------------------------------------
+def test_families_inferred_from_losses():
+    ce = infer_likelihood(nn.CrossEntropyLoss())
+    assert isinstance(ce.family, Categorical) and ce.scale(32) == 1.0
+    assert infer_likelihood(nn.CrossEntropyLoss(reduction="sum")).scale(32) == 32.0
+    assert isinstance(infer_likelihood(F.cross_entropy).family, Categorical)
+    assert isinstance(infer_likelihood(nn.NLLLoss()).family, Categorical)
+    bce = infer_likelihood(nn.BCEWithLogitsLoss(), out_dim=4)
+    assert isinstance(bce.family, Bernoulli) and bce.scale(32) == 0.25
+    assert isinstance(infer_likelihood(F.binary_cross_entropy_with_logits, 1).family, Bernoulli)
+    mse = infer_likelihood(nn.MSELoss(), out_dim=3)
+    assert isinstance(mse.family, GaussianRegression)
+    assert mse.family.sigma == pytest.approx(math.sqrt(1.5)) and mse.scale(32) == 1.0
+    mse_sum = infer_likelihood(nn.MSELoss(reduction="sum"), out_dim=3)
+    assert mse_sum.family.sigma == pytest.approx(math.sqrt(0.5)) and mse_sum.scale(32) == 32.0
+    partial = infer_likelihood(functools.partial(F.mse_loss, reduction="sum"), out_dim=2)
+    assert partial.reduction == "sum"
+
+
+def test_inferred_family_used_by_optimizer():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), fisher="exact")
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    opt.step(_closure(opt, model, nn.MSELoss(), x, y), inputs=x, targets=y)
+    assert opt.likelihood.family.sigma == pytest.approx(math.sqrt(1.5))
+
+
+@pytest.mark.parametrize(
+    "loss_fn, word",
+    [
+        (nn.L1Loss(), "L1Loss"),
+        (nn.SmoothL1Loss(), "SmoothL1Loss"),
+        (F.l1_loss, "l1_loss"),
+    ],
+)
+def test_unmappable_loss_raises_clear_error(loss_fn, word):
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=word) as info:
+        NGD(model.parameters(), model=model, loss_fn=loss_fn)
+    assert "CrossEntropyLoss" in str(info.value) and "MSELoss" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(reduction="none"),
+        nn.BCEWithLogitsLoss(pos_weight=torch.ones(1)),
+    ],
+)
+def test_loss_options_that_are_not_likelihoods_raise(loss_fn):
+    with pytest.raises(ValueError, match="NGD"):
+        infer_likelihood(loss_fn, out_dim=1)
+
+
+def test_bad_arguments():
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="lr, max_kl"):
+        NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), lr=None)
+    with pytest.raises(ValueError, match="unknown Fisher"):
+        NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), fisher="hessian")
+    with pytest.raises(ValueError, match="exactly one"):
+        NGD(model.parameters(), model=model)
+    opt = NGD(model.parameters(), model=model, loss_fn=nn.MSELoss())
+    with pytest.raises(ValueError, match="batch"):
+        opt.step(lambda: torch.tensor(0.0))
+
+
+# --- Levenberg-Marquardt damping ----------------------------------------------------------------
+def _logreg():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 3, generator=g)
+    y = (
+        torch.rand(40, 1, generator=g) < torch.sigmoid(x @ torch.tensor([[1.0], [-2.0], [0.5]]))
+    ).double()
+    return model, x, y
+
+
+@pytest.mark.parametrize("lr, direction", [(0.3, "down"), (40.0, "up")])
+def test_lm_damping_adapts(lr, direction):
+    model, x, y = _logreg()
+    loss_fn = nn.BCEWithLogitsLoss()
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="exact",
+        lr=lr,
+        damping=1.0,
+        adaptive_damping=True,
+    )
+    loss0 = float(loss_fn(model(x), y))
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    info = opt.last_info
+    actual = float(loss_fn(model(x), y)) - loss0
+    assert info["actual_change"] == pytest.approx(actual)
+    if direction == "down":
+        assert info["rho"] > 0.75 and opt.damping == pytest.approx(2.0 / 3.0)
+    else:
+        assert actual > 0 and info["rho"] < 0.25 and opt.damping == pytest.approx(1.5)
+
+
+def test_momentum_accumulates_natural_directions():
+    """With an exact Fisher on a quadratic (linear least squares) the natural direction is
+    ``(C + λI)⁻¹ g`` and the second update is ``-lr (μ d₁ + d₂)``."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    loss_fn = nn.MSELoss()
+    lam, lr, mu = 0.1, 0.5, 0.9
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="exact",
+        lr=lr,
+        damping=lam,
+        momentum=mu,
+        cg_iters=100,
+        cg_tol=1e-14,
+    )
+    _, hess = _loss_grad_hessian(model, loss_fn, x, y)
+    a = hess + lam * torch.eye(len(hess))
+    g1, _ = _loss_grad_hessian(model, loss_fn, x, y)
+    d1 = torch.linalg.solve(a, g1)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    g2, _ = _loss_grad_hessian(model, loss_fn, x, y)
+    d2 = torch.linalg.solve(a, g2)
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    torch.testing.assert_close(_flat(model) - before, -lr * (mu * d1 + d2))
+
+
+def test_set_batch_equals_step_arguments():
+    x, y = _data()
+    loss_fn = nn.CrossEntropyLoss()
+    results = []
+    for use_set in (False, True):
+        model = _mlp()
+        opt = NGD(model.parameters(), model=model, loss_fn=loss_fn, fisher="kfac", lr=0.5)
+        for _ in range(3):
+            if use_set:
+                opt.set_batch(x, y)
+                opt.step(_closure(opt, model, loss_fn, x, y))
+            else:
+                opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+        results.append(_flat(model))
+    assert torch.equal(results[0], results[1])
+
+
+def test_kfac_decreases_loss_with_running_averages():
+    x, y = _data(n=64)
+    loss_fn = nn.CrossEntropyLoss()
+    model = _mlp()
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="kfac",
+        lr=0.5,
+        damping=1e-2,
+        kfac_inv_interval=5,
+    )
+    loss0 = float(loss_fn(model(x), y))
+    for _ in range(20):
+        opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    assert float(loss_fn(model(x), y)) < 0.8 * loss0
+    assert copy.deepcopy(opt.state_dict())["state"]["ngd"]["step"] == 20
