@@ -25,8 +25,9 @@ class FunctionalModel:
         model: an ``nn.Module`` whose forward returns the ``(N, K)`` output, or a function
             ``fn(params, inputs)`` of a parameter dict.
         params: which parameters the Fisher is taken over: names, tensors, a predicate
-            ``(name, tensor) -> bool``, or ``None`` for every parameter that requires grad.
-            For a function model, the full parameter dict must be passed as ``param_dict``.
+            ``(name, tensor) -> bool``, or ``None`` for every parameter that requires grad
+            (every entry of ``param_dict`` for a function model, whose tensors need not
+            require grad). A function model must pass its full parameter dict as ``param_dict``.
         param_dict: the parameter dict of a function model (ignored for modules).
     """
 
@@ -44,6 +45,8 @@ class FunctionalModel:
         else:
             raise TypeError("a function model needs param_dict={name: tensor}")
         self._fn = model
+        if self.module is None and params is None:
+            params = list(all_params)  # a function model: every entry of its parameter dict
         self.names = _select(all_params, params)
         if not self.names:
             raise ValueError("parameter selection is empty")
