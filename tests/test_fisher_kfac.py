@@ -1,0 +1,295 @@
+"""K-FAC and EKFAC against independently computed Kronecker factors and the exact Fisher.
+
+The reference walks an ``nn.Sequential`` by hand: layer inputs (patches cut out by slicing for a
+convolution) give ``A``; per-sample Jacobians of the output w.r.t. each layer's output, with the
+hand-written output Fisher, give ``G = (1/N) Σ_i Σ_r J_irᵀ F_out J_ir``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    assert_close,
+    dense_fisher,
+    make_case,
+    output_fisher,
+    torch_log_prob,
+    torch_sample,
+)
+from torch import Tensor, nn
+
+from npg import make_fisher
+from npg.families import Family, GaussianRegression
+from npg.fisher import KFACFisher
+
+LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _patches(conv: nn.Conv2d, h: Tensor) -> Tensor:
+    """``(N, R, C_in·kh·kw)`` input patches of a convolution, cut out by slicing."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
+    hp = F.pad(h, (pw, pw, ph, ph))
+    out_h = (hp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (hp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(out_h):
+        for j in range(out_w):
+            win = hp[
+                :,
+                :,
+                i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+            ]
+            rows.append(win.reshape(h.shape[0], -1))
+    return torch.stack(rows, 1)
+
+
+def _score_weights(
+    family: Family, out: Tensor, ys: list[Tensor], fisher_fn: Callable | None = None
+) -> list[list[Tensor]]:
+    """Per sample, the list of output-space matrices ``W`` with ``G_i = Σ J_rᵀ W J_r``."""
+    if not ys:
+        fisher_fn = fisher_fn or (lambda o: output_fisher(family, o))
+        return [[fisher_fn(o)] for o in out]
+    res = []
+    for i in range(out.shape[0]):
+        mats = []
+        for y in ys:
+            z = out[i : i + 1].clone().requires_grad_(True)
+            (s,) = torch.autograd.grad(torch_log_prob(family, z, y[i : i + 1]).sum(), z)
+            mats.append(torch.outer(s[0], s[0]) / len(ys))
+        res.append(mats)
+    return res
+
+
+def kfac_reference(
+    seq: nn.Sequential,
+    x: Tensor,
+    family: Family | None,
+    ys: list[Tensor] | None = None,
+    fisher_fn: Callable | None = None,
+) -> list[tuple[nn.Module, Tensor, Tensor]]:
+    """``(layer, A, G)`` per Linear/Conv2d layer of ``seq``; ``ys`` = label draws (MC or
+    empirical) or ``None`` for the exact (type-2) factors, with the hand-written output Fisher
+    of ``family`` or ``fisher_fn(out_row)``."""
+    mods = list(seq)
+    with torch.no_grad():
+        out = seq(x)
+    weights = _score_weights(family, out, ys or [], fisher_fn)
+    n, h, res = x.shape[0], x, []
+    for k, m in enumerate(mods):
+        if isinstance(m, LAYERS):
+            a = _patches(m, h) if isinstance(m, nn.Conv2d) else h[:, None, :]
+            if m.bias is not None:
+                a = torch.cat([a, torch.ones(*a.shape[:2], 1)], -1)
+            A = torch.einsum("nri,nrj->ij", a, a) / (n * a.shape[1])
+            rest = nn.Sequential(*mods[k + 1 :])
+            z = m(h).detach()
+            G = 0.0
+            for i in range(n):
+                jac = torch.autograd.functional.jacobian(lambda zi: rest(zi[None])[0], z[i])
+                jac = (
+                    jac.reshape(jac.shape[0], jac.shape[1], -1) if jac.ndim > 2 else jac[..., None]
+                )
+                for r in range(jac.shape[2]):
+                    for w in weights[i]:
+                        G = G + jac[:, :, r].T @ w @ jac[:, :, r]
+            res.append((m, A, G / n))
+        h = m(h)
+    return res
+
+
+def _layer_index(model: nn.Module, layer: nn.Module) -> Tensor:
+    """Flat-vector indices of ``[W | b]`` in row-major order (the Kronecker ordering)."""
+    offsets, start = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = start
+        start += p.numel()
+    w0 = offsets[id(layer.weight)]
+    d_out = layer.weight.shape[0]
+    d_in = layer.weight[0].numel()
+    idx = []
+    for o in range(d_out):
+        idx.extend(range(w0 + o * d_in, w0 + (o + 1) * d_in))
+        if layer.bias is not None:
+            idx.append(offsets[id(layer.bias)] + o)
+    return torch.tensor(idx)
+
+
+def kfac_dense_reference(model: nn.Module, factors) -> Tensor:
+    dim = sum(p.numel() for p in model.parameters())
+    dense = torch.zeros(dim, dim)
+    for layer, A, G in factors:
+        idx = _layer_index(model, layer)
+        dense[idx[:, None], idx[None, :]] = torch.kron(G, A)
+    return dense
+
+
+def _seq(model: nn.Module) -> nn.Sequential:
+    return model if isinstance(model, nn.Sequential) else nn.Sequential(model)
+
+
+KFAC_CASES = [
+    (arch, fid)
+    for arch in ("linear", "mlp_tanh", "mlp_relu", "conv")
+    for fid in ("categorical", "bernoulli", "gauss_out_std", "regression", "multi")
+]
+
+
+@pytest.mark.parametrize(("arch", "fid"), KFAC_CASES)
+def test_kfac_type2_equals_kronecker_formula(arch: str, fid: str) -> None:
+    model, x, family = make_case(arch, fid, n=4)
+    ref = kfac_reference(_seq(model), x, family)
+    op = make_fisher("kfac", model, x, family)
+    got = op.kronecker_factors()
+    assert [m for m, _, _ in got] == [m for m, _, _ in ref]
+    for (_, A, G), (_, A_ref, G_ref) in zip(got, ref, strict=True):
+        assert_close(A, A_ref)
+        assert_close(G, G_ref)
+    dense = kfac_dense_reference(model, ref)
+    assert_close(op.to_dense(), dense)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    assert_close(op.mv(v), dense @ v)
+    assert_close(op.diagonal(), torch.diagonal(dense))
+
+
+@pytest.mark.parametrize("labels", ["mc", "empirical"])
+@pytest.mark.parametrize("arch", ["mlp_tanh", "conv"])
+def test_kfac_sampled_and_empirical_labels(arch: str, labels: str) -> None:
+    model, x, family = make_case(arch, "categorical", n=4)
+    if labels == "mc":
+        gen = torch.Generator().manual_seed(5)
+        ys = [family.sample(model(x).detach(), gen) for _ in range(3)]
+        op = make_fisher("kfac", model, x, family, kfac_labels="mc", n_samples=3, seed=5)
+    else:
+        ys = [torch_sample(family, model(x), seed=2)]
+        op = make_fisher("kfac", model, x, family, kfac_labels="empirical", targets=ys[0])
+    ref = kfac_reference(_seq(model), x, family, ys)
+    assert_close(op.to_dense(), kfac_dense_reference(model, ref))
+
+
+def test_kfac_is_exact_for_a_linear_layer_with_gaussian_regression() -> None:
+    """``F = (1/N) Σ (I/σ²) ⊗ a aᵀ = (I/σ²) ⊗ A``: K-FAC and EKFAC are the exact Fisher."""
+    torch.manual_seed(0)
+    model, family = nn.Linear(4, 3), GaussianRegression(0.8)
+    x = torch.randn(7, 4)
+    exact = dense_fisher(model, x, family)
+    for name in ("kfac", "ekfac"):
+        assert_close(make_fisher(name, model, x, family).to_dense(), exact)
+    _, _, G = KFACFisher(model, x, family).kronecker_factors()[0]
+    assert_close(G, torch.eye(3) / 0.8**2)
+
+
+@pytest.mark.parametrize("fid", ["categorical", "gauss_out_std", "bernoulli"])
+def test_kfac_one_datum_equals_exact_diagonal_blocks(fid: str) -> None:
+    """With one datum and type-2 labels each layer's Fisher block is ``G ⊗ A`` exactly (not the
+    cross-layer blocks): K-FAC = the block-diagonal of the exact Fisher."""
+    model, x, family = make_case("mlp_tanh", fid, n=1)
+    exact = dense_fisher(model, x, family)
+    kfac = make_fisher("kfac", model, x, family).to_dense()
+    mask = torch.zeros_like(exact, dtype=torch.bool)
+    for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        idx = _layer_index(model, layer)
+        mask[idx[:, None], idx[None, :]] = True
+    assert_close(kfac[mask], exact[mask])
+    assert bool((kfac[~mask] == 0).all())
+    assert (exact[~mask].abs().max()) > 1e-3  # the approximation does drop something
+
+
+@pytest.mark.parametrize("arch", ["mlp_relu", "conv"])
+def test_ekfac_is_the_exact_diagonal_in_the_kronecker_eigenbasis(arch: str) -> None:
+    """EKFAC keeps K-FAC's eigenbasis ``Q = Q_G ⊗ Q_A`` and takes ``diag(Qᵀ F_block Q)`` of the
+    exact Fisher block (George et al. 2018), hence the Frobenius-best matrix in that basis."""
+    model, x, family = make_case(arch, "categorical", n=4)
+    exact = dense_fisher(model, x, family)
+    kfac = make_fisher("kfac", model, x, family)
+    ekfac = make_fisher("ekfac", model, x, family)
+    kd, ed = kfac.to_dense(), ekfac.to_dense()
+    for layer, A, G in kfac.kronecker_factors():
+        idx = _layer_index(model, layer)
+        block = exact[idx][:, idx]
+        q = torch.kron(torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1])
+        scale = torch.diagonal(q.T @ block @ q)
+        e_block = ed[idx][:, idx]
+        assert_close(e_block, q @ torch.diag(scale) @ q.T, rtol=1e-6, atol=1e-9)
+        err_e = torch.linalg.norm(e_block - block)
+        err_k = torch.linalg.norm(kd[idx][:, idx] - block)
+        assert err_e <= err_k + 1e-12
+    # the trace of each block is preserved by EKFAC (it is the exact diagonal in an orthonormal
+    # basis), not in general by K-FAC
+    assert_close(torch.trace(ed), torch.trace(exact))
+
+
+@pytest.mark.parametrize("inverse", ["pi", "eigen"])
+def test_kfac_inverse(inverse: str) -> None:
+    model, x, family = make_case("conv", "categorical", n=4)
+    op = make_fisher("kfac", model, x, family, kfac_inverse=inverse)
+    g = torch.randn(op.dim, generator=torch.Generator().manual_seed(3))
+    lam = 0.05
+    if inverse == "eigen":
+        expected = torch.linalg.solve(op.to_dense() + lam * torch.eye(op.dim), g)
+    else:
+        expected = torch.zeros(op.dim)
+        for layer, A, G in op.kronecker_factors():
+            idx = _layer_index(model, layer)
+            pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+            gamma = math.sqrt(lam)
+            inv = torch.kron(
+                torch.linalg.inv(G + gamma / pi * torch.eye(G.shape[0])),
+                torch.linalg.inv(A + pi * gamma * torch.eye(A.shape[0])),
+            )
+            expected[idx] = inv @ g[idx]
+    assert_close(op.inverse_mv(g, lam), expected)
+    assert_close(op.solve(g, lam), expected)
+    ek = make_fisher("ekfac", model, x, family)
+    assert_close(
+        ek.inverse_mv(g, lam), torch.linalg.solve(ek.to_dense() + lam * torch.eye(op.dim), g)
+    )
+
+
+def test_kfac_free_log_std_gets_the_exact_diagonal_and_subsets_work() -> None:
+    model, x, family = make_case("mlp_tanh", "gauss_free_std", n=4)
+    exact = dense_fisher(model, x, family)
+    op = make_fisher("kfac", model, x, family)
+    dense = op.to_dense()
+    assert list(dict(model.named_parameters()))[0] == "log_std"  # own parameters come first
+    ls, body = torch.arange(2), torch.arange(2, op.dim)
+    assert_close(dense[ls][:, ls], torch.diag(torch.diagonal(exact)[ls]))
+    assert bool((dense[ls][:, body] == 0).all())
+    # the mean network's blocks: the Kronecker formula of the body (log_std does not feed it)
+    mean_fisher = torch.diag(torch.exp(-2 * model.log_std.detach()))
+    body_ref = kfac_reference(model.body, x, None, fisher_fn=lambda o: mean_fisher)
+    assert_close(dense[2:, 2:], kfac_dense_reference(model.body, body_ref))
+    # parameter subset: the last layer only
+    sub = make_fisher("kfac", model, x, family, params=["body.4.weight", "body.4.bias"])
+    idx = _layer_index(model, model.body[4])
+    assert_close(sub.to_dense(), dense[idx.sort().values][:, idx.sort().values])
+    # weight without its bias: both fall back to the exact diagonal
+    sub = make_fisher("kfac", model, x, family, params=["body.2.weight"])
+    assert sub.kronecker_factors() == []
+    w = torch.arange(2 + 16, 2 + 16 + 12)  # log_std (2), body.0 (12 + 4), body.2.weight (12)
+    assert_close(sub.to_dense(), torch.diag(torch.diagonal(exact)[w]))
+
+
+def test_kfac_rejects_function_models_and_bad_options() -> None:
+    model, x, family = make_case("linear", "categorical")
+    with pytest.raises(TypeError):
+        KFACFisher(lambda p, x: x, x, family)
+    with pytest.raises(ValueError):
+        KFACFisher(model, x, family, labels="nope")
+    with pytest.raises(ValueError):
+        KFACFisher(model, x, family, inverse="nope")
+    with pytest.raises(ValueError):
+        KFACFisher(model, x, family, labels="empirical")
+    with pytest.raises(ValueError):
+        KFACFisher(model, x, family).inverse_mv(torch.zeros(15), -1.0)
