@@ -183,8 +183,7 @@ def jacobians(model: nn.Module, x: Tensor, names: list[str] | None = None) -> li
     """Per-sample Jacobians ``(K, D)`` of the output w.r.t. the flat parameters, one by one."""
     f, theta = flat_fn(model, names)
     return [
-        torch.autograd.functional.jacobian(lambda t, xi=xi: f(t, xi[None])[0], theta)
-        for xi in x
+        torch.autograd.functional.jacobian(lambda t, xi=xi: f(t, xi[None])[0], theta) for xi in x
     ]
 
 

@@ -1,4 +1,5 @@
-"""Families against ``torch.distributions``: log-likelihoods, output Fishers, KL, entropy, sampling."""
+"""Families against ``torch.distributions``: log-likelihoods, output Fishers, KL, entropy,
+sampling."""
 
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def _support(family: Family, o: Tensor) -> list[tuple[Tensor, float]]:
         grids = torch.cartesian_prod(*[torch.arange(k) for k in family.nvec])
         grids = grids.reshape(-1, len(family.nvec))
         probs = [torch.softmax(p, 0) for p in o.split(family.nvec)]
-        return [(y, float(torch.prod(torch.stack([p[j] for p, j in zip(probs, y)])))) for y in grids]
+        return [
+            (y, float(torch.prod(torch.stack([p[j] for p, j in zip(probs, y, strict=True)]))))
+            for y in grids
+        ]
     if isinstance(family, Categorical):
         p = torch.softmax(o, 0)
         return [(torch.tensor(c), float(p[c])) for c in range(o.shape[0])]

@@ -97,7 +97,9 @@ def kfac_reference(
             z = m(h).detach()
             G = 0.0
             for i in range(n):
-                jac = torch.autograd.functional.jacobian(lambda zi: rest(zi[None])[0], z[i])
+                jac = torch.autograd.functional.jacobian(
+                    lambda zi, rest=rest: rest(zi[None])[0], z[i]
+                )
                 jac = (
                     jac.reshape(jac.shape[0], jac.shape[1], -1) if jac.ndim > 2 else jac[..., None]
                 )
