@@ -1,0 +1,116 @@
+"""Make and vectorize Gymnasium tasks by id, with seeding, flattening and state snapshots.
+
+``make_vec_env`` builds a Gymnasium vector env in ``SAME_STEP`` autoreset mode: when a sub-env's
+episode ends, the returned observation is already the first one of the next episode and the last
+observation of the finished one is in ``infos["final_obs"]`` (mask ``infos["_final_obs"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+from gymnasium import spaces
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
+
+from envs.analytic import (
+    BanditEnv,
+    GaussianBanditEnv,
+    bandit_natural_gradient,
+    register_analytic_envs,
+)
+from envs.state import get_env_state, set_env_state, supports_state
+
+register_analytic_envs()
+
+VECTORIZATIONS = ("sync", "async")
+_FLATTENABLE = (
+    spaces.Dict,
+    spaces.Tuple,
+    spaces.Discrete,
+    spaces.MultiDiscrete,
+    spaces.MultiBinary,
+)
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise a one-line ``ValueError`` if ``env_id`` is not registered with Gymnasium."""
+    if env_id not in gym.registry:
+        # Importing the box2d/mujoco families registers nothing new; the id is simply unknown.
+        raise ValueError(
+            f"unknown env id {env_id!r}: not registered with Gymnasium "
+            "(see gymnasium.pprint_registry() for the accepted ids)"
+        )
+
+
+def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> gym.Env:
+    """Create one env by id; non-Box observations (Dict, Tuple, Discrete, ...) are flattened.
+
+    ``seed`` seeds the env's RNG (first ``reset``) and its action space.
+    """
+    check_env_id(env_id)
+    env = gym.make(env_id, **kwargs)
+    obs_space = env.observation_space
+    if isinstance(obs_space, _FLATTENABLE):
+        env = gym.wrappers.FlattenObservation(env)
+    elif not isinstance(obs_space, spaces.Box):
+        env.close()
+        raise ValueError(
+            f"unsupported observation space {obs_space} of {env_id!r}; supported: Box, "
+            "or Dict/Tuple/Discrete/MultiDiscrete/MultiBinary (flattened)"
+        )
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def _env_fn(env_id: str, kwargs: dict[str, Any]) -> Callable[[], gym.Env]:
+    def fn() -> gym.Env:
+        return make_env(env_id, None, **kwargs)
+
+    return fn
+
+
+def make_vec_env(
+    env_id: str,
+    n_envs: int = 1,
+    seed: int | None = 0,
+    vectorization: str = "sync",
+    **kwargs: Any,
+) -> VectorEnv:
+    """A vector env of ``n_envs`` copies of ``env_id`` in ``SAME_STEP`` autoreset mode.
+
+    Sub-env ``i`` is seeded with ``seed + i`` by the first ``reset`` (already done here when
+    ``seed`` is given); ``vectorization`` is ``"sync"`` (in-process) or ``"async"`` (one worker
+    process per sub-env).
+    """
+    check_env_id(env_id)
+    if vectorization not in VECTORIZATIONS:
+        raise ValueError(f"vectorization={vectorization!r}; accepted: {', '.join(VECTORIZATIONS)}")
+    if n_envs < 1:
+        raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    fns = [_env_fn(env_id, kwargs) for _ in range(n_envs)]
+    cls = SyncVectorEnv if vectorization == "sync" else AsyncVectorEnv
+    vec = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    vec.env_id = env_id  # type: ignore[attr-defined]
+    if seed is not None:
+        vec.reset(seed=seed)
+        vec.action_space.seed(seed)
+    return vec
+
+
+__all__ = [
+    "VECTORIZATIONS",
+    "BanditEnv",
+    "GaussianBanditEnv",
+    "bandit_natural_gradient",
+    "check_env_id",
+    "get_env_state",
+    "make_env",
+    "make_vec_env",
+    "register_analytic_envs",
+    "set_env_state",
+    "supports_state",
+]

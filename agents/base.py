@@ -1,0 +1,692 @@
+"""The on-policy natural-gradient machinery shared by NPG and TRPO (SB3-style API).
+
+One iteration: collect ``n_steps × n_envs`` transitions (:mod:`agents.rollout`), compute GAE
+advantages (:mod:`agents.gae`), take a natural-gradient policy step (the subclass's
+:meth:`OnPolicyNaturalAlgorithm._policy_update`), fit the critic with Adam on minibatches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium.vector import SyncVectorEnv, VectorEnv
+from torch import Tensor
+
+import envs as envs_mod
+from agents.checkpoint import FORMAT, CheckpointManager, load_checkpoint, save_atomic
+from agents.gae import compute_gae
+from agents.normalize import ObsNormalizer, RewardScaler
+from agents.policies import ACTIVATIONS, ActorCriticPolicy
+from agents.rollout import NONFINITE_MODES, RolloutBatch, RolloutCollector
+from npg import FISHER_NAMES, make_fisher, natural_step
+from npg.fisher.base import FisherOperator
+
+PRECONDITIONERS = ("none", "diagonal", "kfac")
+DIRECT_FISHERS = ("diagonal", "kfac", "ekfac")
+Callback = Callable[[dict[str, Any]], bool | None]
+# metrics that depend on the wall clock (everything else is reproducible from the seed)
+TIMING_KEYS = (
+    "steps_per_s",
+    "fps",
+    "time_rollout",
+    "time_fisher_cg",
+    "time_line_search",
+    "time_critic",
+    "time_total",
+)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path | None, num_timesteps: int) -> None:
+        name = signal.Signals(signum).name
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint directory"
+        super().__init__(f"training interrupted by {name} at {num_timesteps} env steps; {where}")
+        self.signum, self.checkpoint, self.num_timesteps = signum, checkpoint, num_timesteps
+
+
+class NonFiniteParametersError(RuntimeError):
+    """An update produced NaN/inf parameters; they were rolled back before raising."""
+
+
+def flat_params(module: torch.nn.Module) -> Tensor:
+    """All parameters of ``module`` concatenated into one new flat tensor."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+@torch.no_grad()
+def set_flat_params(module: torch.nn.Module, flat: Tensor) -> None:
+    """Copy ``flat`` into the parameters of ``module`` in place (bit-exact)."""
+    start = 0
+    for p in module.parameters():
+        n = p.numel()
+        p.copy_(flat[start : start + n].view_as(p))
+        start += n
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> float:
+    """``1 - Var[target - pred] / Var[target]`` (NaN when the target is constant)."""
+    var = float(target.var())
+    return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
+
+
+def _bad(option: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"{option}={value!r} is invalid; accepted: {accepted}")
+
+
+class OnPolicyNaturalAlgorithm:
+    """Base class: rollouts, GAE, critic fitting, checkpoints; subclasses do the policy step.
+
+    Args:
+        policy: only ``"MlpPolicy"``.
+        env: a Gymnasium env id, or a Gymnasium ``VectorEnv`` (built by the caller).
+        n_envs, n_steps: transitions per update are ``n_envs × n_steps``.
+        gamma, gae_lambda: discount and GAE λ.
+        max_kl: the trust-region radius δ (mean KL(old‖new) over the batch).
+        fisher: ``exact``, ``mc``, ``empirical``, ``diagonal``, ``kfac`` or ``ekfac``.
+        fisher_kwargs: extra :func:`npg.make_fisher` options (``diagonal``, ``kfac_labels``,
+            ``kfac_inverse``).
+        fisher_samples: labels per input for the Monte-Carlo flavours.
+        fisher_subsample: fraction of the batch the Fisher is built on (the gradient uses all).
+        cg_iters, cg_damping, cg_tol: CG on ``(F + λI) x = g``.
+        preconditioner: ``None``/``"none"``, ``"diagonal"`` or ``"kfac"`` (for CG flavours).
+        vf_lr, vf_epochs, vf_minibatch: Adam fit of the critic on the λ-returns.
+        normalize_advantage, normalize_obs, normalize_reward, clip_obs: data normalization.
+        net_arch, vf_arch, activation, ortho_init, log_std_init: the MLP policy.
+        vectorization: ``"sync"`` or ``"async"`` vector env; env_kwargs: passed to ``gym.make``.
+        on_nonfinite: ``"raise"`` (default) or ``"drop"`` transitions with NaN/inf.
+        stats_window: episodes in the running mean return.
+        seed, device, num_threads, verbose: as usual (``num_threads`` sets torch's intra-op
+            threads; ``None`` leaves it alone).
+    """
+
+    algo_name = "base"
+
+    def __init__(
+        self,
+        policy: str = "MlpPolicy",
+        env: str | VectorEnv = "CartPole-v1",
+        *,
+        n_envs: int = 1,
+        n_steps: int = 2048,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        max_kl: float = 0.01,
+        fisher: str = "exact",
+        fisher_kwargs: dict[str, Any] | None = None,
+        fisher_samples: int = 1,
+        fisher_subsample: float = 1.0,
+        cg_iters: int = 15,
+        cg_damping: float = 0.1,
+        cg_tol: float = 1e-10,
+        preconditioner: str | None = None,
+        line_search_max_iter: int = 10,
+        line_search_shrink: float = 0.8,
+        vf_lr: float = 1e-3,
+        vf_epochs: int = 10,
+        vf_minibatch: int = 128,
+        normalize_advantage: bool = True,
+        normalize_obs: bool = False,
+        normalize_reward: bool = False,
+        clip_obs: float = 10.0,
+        net_arch: tuple[int, ...] | list[int] = (64, 64),
+        vf_arch: tuple[int, ...] | list[int] | None = None,
+        activation: str = "tanh",
+        ortho_init: bool = True,
+        log_std_init: float = 0.0,
+        vectorization: str = "sync",
+        env_kwargs: dict[str, Any] | None = None,
+        on_nonfinite: str = "raise",
+        stats_window: int = 100,
+        seed: int = 0,
+        device: str = "cpu",
+        num_threads: int | None = 1,
+        verbose: int = 0,
+    ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "policy", "env")}
+        config["net_arch"] = [int(x) for x in net_arch]
+        config["vf_arch"] = None if vf_arch is None else [int(x) for x in vf_arch]
+        config["fisher_kwargs"] = dict(fisher_kwargs or {})
+        config["env_kwargs"] = dict(env_kwargs or {})
+        config["preconditioner"] = None if preconditioner in (None, "none") else preconditioner
+        env_id = env if isinstance(env, str) else getattr(env, "env_id", None)
+        config["env_id"] = env_id
+        self.config = config
+        self._validate(policy, env)  # before any env starts
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        for k, v in config.items():
+            setattr(self, k, v)
+        self.device = torch.device(device)
+        self.env_id = env_id or "env"
+
+        self.env: VectorEnv = (
+            envs_mod.make_vec_env(env, n_envs, None, vectorization, **self.env_kwargs)
+            if isinstance(env, str)
+            else env
+        )
+        self.n_envs = self.env.num_envs
+        self.config["n_envs"] = self.n_envs
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        obs_space = self.env.single_observation_space
+        self.policy = ActorCriticPolicy(
+            obs_space,
+            self.env.single_action_space,
+            self.net_arch,
+            self.vf_arch,
+            self.activation,
+            self.ortho_init,
+            self.log_std_init,
+        ).to(self.device)
+        self.family = self.policy.family
+        self.vf_optimizer = torch.optim.Adam(self.policy.critic.parameters(), lr=vf_lr)
+        self.obs_normalizer = ObsNormalizer((self.policy.obs_dim,), normalize_obs, clip_obs)
+        self.reward_scaler = RewardScaler(self.n_envs, gamma, normalize_reward)
+        self.collector = RolloutCollector(
+            self.env,
+            self.policy,
+            self.obs_normalizer,
+            self.reward_scaler,
+            n_steps,
+            self.generator,
+            self.env_id,
+            on_nonfinite,
+            stats_window,
+        )
+        self.num_timesteps = 0
+        self.num_updates = 0
+        self._started = False
+        self._interrupt: int | None = None
+        self._boundary: dict[str, Any] | None = None
+
+    # --- configuration ------------------------------------------------------------------------
+    def _validate(self, policy: str, env: Any) -> None:
+        """One-line ``ValueError`` naming the option and the accepted values."""
+        c = self.config
+        if policy != "MlpPolicy":
+            raise _bad("policy", policy, "'MlpPolicy'")
+        if not (
+            isinstance(c["max_kl"], int | float) and c["max_kl"] > 0 and math.isfinite(c["max_kl"])
+        ):
+            raise _bad("max_kl", c["max_kl"], "a finite float > 0")
+        if not c["cg_damping"] >= 0:
+            raise _bad("cg_damping", c["cg_damping"], "a float >= 0")
+        if int(c["cg_iters"]) < 1:
+            raise _bad("cg_iters", c["cg_iters"], "an int >= 1")
+        if not c["cg_tol"] >= 0:
+            raise _bad("cg_tol", c["cg_tol"], "a float >= 0")
+        if c["fisher"] not in FISHER_NAMES:
+            raise _bad("fisher", c["fisher"], ", ".join(FISHER_NAMES))
+        pre = c["preconditioner"]
+        if pre is not None and pre not in PRECONDITIONERS:
+            raise _bad("preconditioner", pre, "None, " + ", ".join(PRECONDITIONERS))
+        if pre is not None and c["fisher"] in DIRECT_FISHERS:
+            raise _bad(
+                "preconditioner",
+                pre,
+                f"None with fisher={c['fisher']!r} (solved directly, no CG)",
+            )
+        if not 0 < c["fisher_subsample"] <= 1:
+            raise _bad("fisher_subsample", c["fisher_subsample"], "a fraction in (0, 1]")
+        if int(c["fisher_samples"]) < 1:
+            raise _bad("fisher_samples", c["fisher_samples"], "an int >= 1")
+        if int(c["line_search_max_iter"]) < 1:
+            raise _bad("line_search_max_iter", c["line_search_max_iter"], "an int >= 1")
+        if not 0 < c["line_search_shrink"] < 1:
+            raise _bad("line_search_shrink", c["line_search_shrink"], "a float in (0, 1)")
+        if not 0 <= c["gamma"] <= 1:
+            raise _bad("gamma", c["gamma"], "a float in [0, 1]")
+        if not 0 <= c["gae_lambda"] <= 1:
+            raise _bad("gae_lambda", c["gae_lambda"], "a float in [0, 1]")
+        if not c["vf_lr"] > 0:
+            raise _bad("vf_lr", c["vf_lr"], "a float > 0")
+        if int(c["vf_epochs"]) < 0:
+            raise _bad("vf_epochs", c["vf_epochs"], "an int >= 0")
+        if int(c["n_steps"]) < 1:
+            raise _bad("n_steps", c["n_steps"], "an int >= 1")
+        n_envs = env.num_envs if isinstance(env, VectorEnv) else int(c["n_envs"])
+        if n_envs < 1:
+            raise _bad("n_envs", c["n_envs"], "an int >= 1")
+        batch = int(c["n_steps"]) * n_envs
+        mb = int(c["vf_minibatch"])
+        if mb < 1 or batch % mb != 0:
+            divisors = [d for d in (32, 64, 128, 256, 512, 1024, batch) if batch % d == 0]
+            raise _bad(
+                "vf_minibatch",
+                c["vf_minibatch"],
+                f"a divisor of n_steps*n_envs={batch} (e.g. {', '.join(map(str, divisors))})",
+            )
+        if c["activation"] not in ACTIVATIONS:
+            raise _bad("activation", c["activation"], ", ".join(ACTIVATIONS))
+        if c["vectorization"] not in envs_mod.VECTORIZATIONS:
+            raise _bad("vectorization", c["vectorization"], ", ".join(envs_mod.VECTORIZATIONS))
+        if c["on_nonfinite"] not in NONFINITE_MODES:
+            raise _bad("on_nonfinite", c["on_nonfinite"], ", ".join(NONFINITE_MODES))
+        if not c["clip_obs"] > 0:
+            raise _bad("clip_obs", c["clip_obs"], "a float > 0")
+        if any(int(h) < 1 for h in c["net_arch"]):
+            raise _bad("net_arch", c["net_arch"], "positive layer widths")
+        dev = str(c["device"])
+        if not (dev == "cpu" or (dev.startswith("cuda") and torch.cuda.is_available())):
+            raise _bad("device", dev, "'cpu'" + (", 'cuda'" if torch.cuda.is_available() else ""))
+        if isinstance(env, str):
+            envs_mod.check_env_id(env)
+        elif not isinstance(env, VectorEnv):
+            raise _bad("env", env, "a Gymnasium env id or a gymnasium.vector.VectorEnv")
+
+    # --- the training loop --------------------------------------------------------------------
+    def _start(self) -> None:
+        """Reset the envs (seeded) once, before the first rollout."""
+        obs, _ = self.env.reset(seed=self.seed)
+        self.env.action_space.seed(self.seed)
+        self.collector.start(obs)
+        self._started = True
+
+    @contextmanager
+    def _signal_guard(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag the loop checks; a second signal interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupt is not None:
+                raise KeyboardInterrupt
+            self._interrupt = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Callback | None = None,
+        reset_num_timesteps: bool = True,
+        checkpoints: CheckpointManager | None = None,
+        checkpoint_every: int = 0,
+    ) -> OnPolicyNaturalAlgorithm:
+        """Train for ``total_timesteps`` env steps (more, when ``reset_num_timesteps=False``:
+        that many *additional* steps, as in SB3).
+
+        ``callback(metrics)`` runs after every update; returning ``False`` stops training.
+        With ``checkpoints``, a checkpoint is written every ``checkpoint_every`` updates (0:
+        never periodically) and on SIGINT/SIGTERM, which then raise
+        :class:`TrainingInterrupted` after saving.
+        """
+        if reset_num_timesteps:
+            self.num_timesteps = 0
+            self.num_updates = 0
+            target = int(total_timesteps)
+        else:
+            target = self.num_timesteps + int(total_timesteps)
+        if not self._started:
+            self._start()
+        self._interrupt = None
+        self._boundary = self._capture_state()
+        t_start, steps_start = time.perf_counter(), self.num_timesteps
+        with self._signal_guard():
+            while self.num_timesteps < target:
+                t0 = time.perf_counter()
+                batch = self.collector.collect(lambda: self._interrupt is not None)
+                if batch is None:
+                    self._stop_on_signal(checkpoints)
+                t_rollout = time.perf_counter() - t0
+                self.num_timesteps += self.n_steps * self.n_envs
+                metrics = self.train_on_batch(batch)
+                self.num_updates += 1
+                t_total = time.perf_counter() - t0
+                eps = self.collector.episodes
+                metrics = {
+                    "update": self.num_updates,
+                    "timesteps": self.num_timesteps,
+                    "ep_return_mean": float(np.mean([r for r, _ in eps])) if eps else float("nan"),
+                    "ep_length_mean": float(np.mean([n for _, n in eps])) if eps else float("nan"),
+                    "episodes": self.collector.episodes_in_rollout,
+                    "dropped": batch.dropped,
+                    **metrics,
+                    "time_rollout": t_rollout,
+                    "time_total": t_total,
+                    "steps_per_s": self.n_steps * self.n_envs / t_total,
+                    "fps": (self.num_timesteps - steps_start) / (time.perf_counter() - t_start),
+                }
+                if self.verbose:
+                    print(self._format(metrics), flush=True)
+                keep_going = callback(metrics) if callback is not None else True
+                self._boundary = self._capture_state()
+                if (
+                    checkpoints is not None
+                    and checkpoint_every
+                    and (self.num_updates % checkpoint_every == 0)
+                ):
+                    checkpoints.save(self._boundary, self.num_updates)
+                if self._interrupt is not None:
+                    self._stop_on_signal(checkpoints)
+                if keep_going is False:
+                    break
+        return self
+
+    def _stop_on_signal(self, checkpoints: CheckpointManager | None) -> None:
+        """Save the last update-boundary state and raise :class:`TrainingInterrupted`."""
+        assert self._boundary is not None and self._interrupt is not None
+        path = None
+        if checkpoints is not None:
+            path = checkpoints.save(self._boundary, int(self._boundary["num_updates"]))
+        # The envs have moved past the boundary: continue from the saved state if asked again.
+        self._restore_state(self._boundary)
+        raise TrainingInterrupted(self._interrupt, path, int(self._boundary["num_timesteps"]))
+
+    @staticmethod
+    def _format(m: dict[str, Any]) -> str:
+        return (
+            f"update {m['update']:4d} | steps {m['timesteps']:8d} | return "
+            f"{m['ep_return_mean']:9.2f} | kl {m['kl']:.4f} | ls {m['ls_backtracks']} "
+            f"{'ok' if m['ls_success'] else 'FAIL'} | cg {m['cg_iterations']} | "
+            f"{m['steps_per_s']:.0f} steps/s"
+        )
+
+    def train_on_batch(self, batch: RolloutBatch) -> dict[str, Any]:
+        """GAE, the policy step and the critic fit on one rollout; returns metrics."""
+        policy, critic = self.policy, self.policy.critic
+        t, e = batch.rewards.shape
+        dev = self.device
+        obs_all = batch.obs.reshape(t * e, -1).to(dev)
+        with torch.no_grad():
+            values = critic(obs_all).reshape(t, e).cpu()
+            last_values = critic(batch.last_obs.to(dev)).squeeze(-1).cpu()
+            final_values = torch.zeros(t, e)
+            if len(batch.final_index):
+                fv = critic(batch.final_obs.to(dev)).squeeze(-1).cpu()
+                final_values[batch.final_index[:, 0], batch.final_index[:, 1]] = fv
+        adv, ret = compute_gae_t(
+            batch, values, last_values, final_values, self.gamma, self.gae_lambda
+        )
+        valid = batch.valid.reshape(-1)
+        keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
+        obs = obs_all if keep is None else obs_all[keep.to(dev)]
+        actions = batch.actions.reshape(t * e, *batch.actions.shape[2:])
+        advantages = adv.reshape(-1)
+        returns = ret.reshape(-1)
+        values_flat = values.reshape(-1)
+        if keep is not None:
+            actions, advantages = actions[keep], advantages[keep]
+            returns, values_flat = returns[keep], values_flat[keep]
+        actions, advantages, returns = actions.to(dev), advantages.to(dev), returns.to(dev)
+        if self.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        actor_before = flat_params(policy.actor).clone()
+        critic_before = flat_params(critic).clone()
+        metrics = self._policy_update(obs, actions, advantages)
+        t0 = time.perf_counter()
+        metrics.update(self._critic_update(obs, returns))
+        metrics["time_critic"] = time.perf_counter() - t0
+        metrics["explained_variance"] = explained_variance(values_flat, returns.cpu())
+        self._check_finite(actor_before, critic_before)
+        return metrics
+
+    # --- the two halves of an update ----------------------------------------------------------
+    def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
+        """The natural-gradient policy step (implemented by NPG and TRPO)."""
+        raise NotImplementedError
+
+    def _surrogate_and_grad(
+        self, obs: Tensor, actions: Tensor, advantages: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """At θ_old: ``(old_out, old_logp, g, L(θ_old))`` with ``g = ∇_θ L`` flat, where
+        ``L(θ) = mean_t[π_θ(a_t|s_t) / π_old(a_t|s_t) · A_t]`` (Schulman et al. 2015, eq. 14)."""
+        actor = self.policy.actor
+        out = actor(obs)
+        logp = self.family.log_prob(out, actions)
+        old_logp = logp.detach()
+        surrogate = (torch.exp(logp - old_logp) * advantages).mean()
+        grads = torch.autograd.grad(surrogate, list(actor.parameters()))
+        g = torch.cat([gr.reshape(-1) for gr in grads])
+        return out.detach(), old_logp, g, float(surrogate.detach())
+
+    def _fisher(self, obs: Tensor, actions: Tensor) -> tuple[FisherOperator, FisherOperator | None]:
+        """The Fisher operator of the configured flavour on (a subsample of) the batch, and the
+        preconditioner operator if one is configured."""
+        n = obs.shape[0]
+        if self.fisher_subsample < 1.0:
+            m = max(1, int(round(n * self.fisher_subsample)))
+            idx = torch.randperm(n, generator=self.generator)[:m].sort().values.to(obs.device)
+            obs, actions = obs[idx], actions[idx]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        common = dict(targets=actions, n_samples=self.fisher_samples, seed=seed)
+        fisher = make_fisher(
+            self.fisher, self.policy.actor, obs, self.family, **common, **self.fisher_kwargs
+        )
+        pre = None
+        if self.preconditioner is not None:
+            pre = make_fisher(self.preconditioner, self.policy.actor, obs, self.family, **common)
+        return fisher, pre
+
+    def _natural_step(self, obs: Tensor, actions: Tensor, g: Tensor) -> tuple[Any, dict[str, Any]]:
+        """Build the Fisher and solve for the step with ``½ sᵀ(F+λI)s = δ``."""
+        fisher, pre = self._fisher(obs, actions)
+        ns = natural_step(
+            fisher,
+            g,
+            self.max_kl,
+            damping=self.cg_damping,
+            cg_iters=self.cg_iters,
+            cg_tol=self.cg_tol,
+            preconditioner=pre,
+        )
+        info = {
+            "step_status": ns.status,
+            "predicted_improvement": ns.predicted_improvement,
+            "cg_iterations": ns.cg.iterations if ns.cg is not None else 0,
+            "cg_residual": ns.cg.residual if ns.cg is not None else 0.0,
+            "grad_norm": float(g.norm()),
+        }
+        return ns, info
+
+    def _distribution_metrics(self, old_out: Tensor) -> dict[str, float]:
+        m = {"entropy": float(self.family.entropy(old_out).mean())}
+        actor = self.policy.actor
+        m["log_std_mean"] = float(actor.log_std.mean()) if actor.gaussian else float("nan")
+        return m
+
+    def _critic_update(self, obs: Tensor, returns: Tensor) -> dict[str, float]:
+        """Fit ``V`` to the λ-returns: ``vf_epochs`` epochs of Adam on shuffled minibatches."""
+        critic, opt = self.policy.critic, self.vf_optimizer
+        n, mb = obs.shape[0], self.vf_minibatch
+        losses = []
+        for _ in range(self.vf_epochs):
+            perm = torch.randperm(n, generator=self.generator).to(obs.device)
+            for start in range(0, n, mb):
+                idx = perm[start : start + mb]
+                loss = F.mse_loss(critic(obs[idx]).squeeze(-1), returns[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        return {"value_loss": float(np.mean(losses)) if losses else float("nan")}
+
+    def _check_finite(self, actor_before: Tensor, critic_before: Tensor) -> None:
+        """Roll back and raise if any parameter became NaN/inf."""
+        bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            set_flat_params(self.policy.actor, actor_before)
+            set_flat_params(self.policy.critic, critic_before)
+            raise NonFiniteParametersError(
+                f"update {self.num_updates + 1} made parameters non-finite ({', '.join(bad)}); "
+                "rolled back to the previous parameters. Lower max_kl/vf_lr or raise cg_damping"
+            )
+
+    # --- inference ----------------------------------------------------------------------------
+    def predict(
+        self, observation: np.ndarray, deterministic: bool = True
+    ) -> tuple[np.ndarray, None]:
+        """Actions for raw observations (one, or a batch); ``(actions, None)`` as in SB3."""
+        obs = np.asarray(observation, dtype=np.float32)
+        single = obs.ndim <= 1 or obs.shape == self.env.single_observation_space.shape
+        batch = obs.reshape(-1, self.policy.obs_dim)
+        norm = self.obs_normalizer(batch, update=False)
+        with torch.inference_mode():
+            a = self.policy.act(torch.from_numpy(norm).to(self.device), deterministic).cpu()
+        env_actions = self.policy.to_env_actions(a)
+        return (env_actions[0] if single else env_actions), None
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _env_states(self) -> list[dict[str, Any]] | None:
+        env = self.env
+        if not isinstance(env, SyncVectorEnv) or not all(
+            envs_mod.supports_state(e) for e in env.envs
+        ):
+            return None
+        return [envs_mod.get_env_state(e) for e in env.envs]
+
+    def _capture_state(self) -> dict[str, Any]:
+        """Everything needed to continue training bit-identically (deep copies)."""
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        state = {
+            "format": FORMAT,
+            "version": 1,
+            "algo": self.algo_name,
+            "config": copy.deepcopy(self.config),
+            "policy": {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()},
+            "vf_optimizer": copy.deepcopy(self.vf_optimizer.state_dict()),
+            "obs_normalizer": self.obs_normalizer.state_dict(),
+            "reward_scaler": self.reward_scaler.state_dict(),
+            "num_timesteps": self.num_timesteps,
+            "num_updates": self.num_updates,
+            "rng": {
+                "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "numpy": {
+                    "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                    "pos": int(np_state[2]),
+                    "has_gauss": int(np_state[3]),
+                    "cached_gaussian": float(np_state[4]),
+                },
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+            },
+            "started": self._started,
+        }
+        if self._started:
+            state["rollout"] = self.collector.state_dict()
+            state["env_states"] = self._env_states()
+        return state
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`_capture_state` dict (envs restored exactly where supported)."""
+        self.policy.load_state_dict(state["policy"])
+        self.vf_optimizer.load_state_dict(state["vf_optimizer"])
+        self.obs_normalizer.load_state_dict(state["obs_normalizer"])
+        self.reward_scaler.load_state_dict(state["reward_scaler"])
+        self.num_timesteps = int(state["num_timesteps"])
+        self.num_updates = int(state["num_updates"])
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        np.random.set_state(
+            (
+                "MT19937",
+                n["keys"].numpy().astype(np.uint32),
+                n["pos"],
+                n["has_gauss"],
+                n["cached_gaussian"],
+            )
+        )
+        p = rng["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+        if not state.get("started"):
+            return
+        env_states = state.get("env_states")
+        exact = (
+            env_states is not None
+            and isinstance(self.env, SyncVectorEnv)
+            and len(env_states) == self.n_envs
+        )
+        if exact:
+            for sub, s in zip(self.env.envs, env_states, strict=True):
+                envs_mod.set_env_state(sub, s)
+            self.collector.load_state_dict(state["rollout"], with_obs=True)
+        else:
+            # Fallback for envs without a state adapter: restart the episodes in flight.
+            obs, _ = self.env.reset(seed=self.seed + 7919 * self.num_updates)
+            self.collector.load_state_dict(state["rollout"], with_obs=False)
+            self.collector.cur_obs = self.obs_normalizer(obs, update=False)
+        self._started = True
+
+    def save(self, path: str | Path) -> Path:
+        """Write a resumable checkpoint atomically (``torch.load(weights_only=True)``-safe)."""
+        return save_atomic(self._capture_state(), path)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, env: str | VectorEnv | None = None, **overrides: Any
+    ) -> OnPolicyNaturalAlgorithm:
+        """Rebuild an agent from a checkpoint file (or a state dict already loaded).
+
+        ``env`` defaults to a new vector env of the saved id; ``overrides`` replace config
+        entries that do not change the model (e.g. ``verbose``, ``vectorization``).
+        """
+        state = path if isinstance(path, dict) else load_checkpoint(path)
+        algo_cls = cls
+        if state["algo"] != cls.algo_name:
+            from agents import ALGORITHMS
+
+            if cls.algo_name != "base" and state["algo"] in ALGORITHMS:
+                raise ValueError(
+                    f"checkpoint holds a {state['algo']!r} agent, not {cls.algo_name!r}"
+                )
+            algo_cls = ALGORITHMS[state["algo"]]
+        config = dict(state["config"])
+        config.update(overrides)
+        env_id = config.pop("env_id")
+        if env is None:
+            if env_id is None:
+                raise ValueError("this checkpoint was trained on a custom env: pass env=")
+            env = env_id
+        agent = algo_cls("MlpPolicy", env, **config)
+        agent._restore_state(state)
+        return agent
+
+    def close(self) -> None:
+        """Close the vector env."""
+        self.env.close()
+
+
+def compute_gae_t(
+    batch: RolloutBatch,
+    values: Tensor,
+    last_values: Tensor,
+    final_values: Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`agents.gae.compute_gae` on a rollout's tensors."""
+    adv, ret = compute_gae(
+        batch.rewards.numpy(),
+        values.numpy(),
+        last_values.numpy(),
+        batch.terminated.numpy(),
+        batch.truncated.numpy(),
+        final_values.numpy(),
+        gamma,
+        gae_lambda,
+    )
+    return torch.from_numpy(adv), torch.from_numpy(ret)

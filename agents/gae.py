@@ -1,0 +1,46 @@
+"""Generalized advantage estimation (Schulman et al. 2016) with termination vs truncation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    last_values: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    final_values: np.ndarray,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GAE(γ, λ) advantages and λ-returns over a ``(T, E)`` rollout.
+
+    Args:
+        rewards, values: ``r_t`` and ``V(s_t)``, shape ``(T, E)``.
+        last_values: ``V(s_T)`` of the observation after the last step, shape ``(E,)``.
+        terminated: the episode ended in a terminal state at step ``t``: no bootstrap.
+        truncated: the episode was cut by a time limit at step ``t`` (and not terminated):
+            bootstrap from ``final_values[t]``, the value of the final observation (with
+            ``SAME_STEP`` autoreset the next observation in the buffer is already a reset one).
+        final_values: ``V(final_obs_t)``, read only where ``truncated``; shape ``(T, E)``.
+
+    Returns:
+        ``(advantages, returns)`` with ``returns = advantages + values``.
+
+    ``δ_t = r_t + γ V_next,t - V(s_t)``, ``A_t = δ_t + γλ (1 - done_t) A_{t+1}`` where
+    ``V_next,t`` is ``0`` on termination, ``V(final_obs_t)`` on truncation, else ``V(s_{t+1})``.
+    """
+    n_steps = rewards.shape[0]
+    adv = np.zeros_like(values)
+    running = np.zeros_like(last_values)
+    for t in range(n_steps - 1, -1, -1):
+        next_values = last_values if t == n_steps - 1 else values[t + 1]
+        next_values = np.where(truncated[t], final_values[t], next_values)
+        next_values = np.where(terminated[t], 0.0, next_values)
+        not_done = (~(terminated[t] | truncated[t])).astype(values.dtype)
+        delta = rewards[t] + gamma * next_values - values[t]
+        running = delta + gamma * gae_lambda * not_done * running
+        adv[t] = running
+    return adv, adv + values
