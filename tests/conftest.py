@@ -27,9 +27,10 @@ from npg.families import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """Run every test in float64 and restore the default afterwards."""
+@pytest.fixture
+def float64():
+    """Run a test in float64 and restore the default dtype afterwards (the Fisher test modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("float64")``)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield

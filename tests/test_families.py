@@ -21,6 +21,8 @@ from npg.families import (
     get_family,
 )
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 FAMILIES = {
     "categorical": (Categorical(), 4),
     "bernoulli": (Bernoulli(), 3),

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from npg import make_fisher
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 curvlinops = pytest.importorskip("curvlinops")
 
 

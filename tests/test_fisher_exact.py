@@ -26,6 +26,8 @@ from npg import make_fisher
 from npg.families import Categorical, GaussianRegression
 from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, MCFisher
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 CASES = list(itertools.product(ARCHS, FAMILY_IDS))
 
 

@@ -27,6 +27,8 @@ from npg import make_fisher
 from npg.families import Family, GaussianRegression
 from npg.fisher import KFACFisher
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 LAYERS = (nn.Linear, nn.Conv2d)
 
 
