@@ -500,7 +500,8 @@ class NGD(Optimizer):
                 buf = st.get("momentum_buffer")
                 d = d if buf is None else group["momentum"] * buf + d
                 st["momentum_buffer"] = d.clone()
-            dFd = float(d @ fmv(d))
+            need_curvature = group["max_kl"] is not None or self.adaptive_damping
+            dFd = float(d @ fmv(d)) if need_curvature else math.nan
             alpha = group["lr"]
             kl_scale = None
             if group["max_kl"] is not None and dFd > 0 and math.isfinite(dFd):
@@ -511,19 +512,14 @@ class NGD(Optimizer):
             delta = -alpha * d
             for name, part in self.fmodel.unflatten(delta).items():
                 self.fmodel.params[name].add_(part)
-            info.update(
-                alpha=alpha,
-                kl=0.5 * alpha**2 * dFd,
-                damping=lam,
-                grad_norm=float(g.norm()),
-                step_norm=float(delta.norm()),
-            )
-            predicted = float(g @ delta) + 0.5 * s * alpha**2 * dFd
-            info["predicted_change"] = predicted
+            info.update(alpha=alpha, damping=lam)
+            if need_curvature:
+                predicted = float(g @ delta) + 0.5 * s * alpha**2 * dFd
+                info.update(kl=0.5 * alpha**2 * dFd, predicted_change=predicted)
 
         if self.adaptive_damping and loss is not None:
             new_loss = self._reevaluate(closure, inputs, targets)
-            actual = float(new_loss) - float(loss)
+            actual = float(new_loss.detach()) - float(loss.detach())
             rho = actual / predicted if predicted < 0 else -math.inf
             if rho > 0.75:
                 lam *= self.lm_decrease

@@ -1,0 +1,246 @@
+"""MLP classifier on sklearn's digits: SGD, Adam, exact NGD (CG), diagonal, empirical and K-FAC.
+
+Standardised 8x8 digits (load_digits, no download), fixed stratified 75/25 split, a
+64-128-10 ReLU MLP, batches of 64, float32. Writes docs/supervised/mlp_*.{csv,png}.
+
+    .venv/bin/python scripts/supervised_mlp.py            # about 3-4 minutes on one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _supervised_common import make_closure, plot_curves, print_table, setup, write_csv
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from npg.optim import NGD
+
+BATCH, HIDDEN = 64, 128
+
+
+def load() -> tuple[torch.Tensor, ...]:
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(xtr)
+    as_x = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    return as_x(xtr), torch.tensor(ytr), as_x(xte), torch.tensor(yte)
+
+
+def new_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
+
+
+def evaluate(model, x, y, loss_fn) -> tuple[float, float]:
+    with torch.no_grad():
+        out = model(x)
+        return float(loss_fn(out, y)), float((out.argmax(1) == y).float().mean())
+
+
+def train(name: str, make_opt, data, epochs: int) -> list[dict]:
+    xtr, ytr, xte, yte = data
+    loss_fn = nn.CrossEntropyLoss()
+    model = new_model()
+    opt = make_opt(model, loss_fn)
+    gen = torch.Generator().manual_seed(1)
+    n = xtr.shape[0]
+
+    def record(epoch, step, elapsed):
+        tl, ta = evaluate(model, xtr, ytr, loss_fn)
+        vl, va = evaluate(model, xte, yte, loss_fn)
+        return dict(
+            optimizer=name,
+            epoch=epoch,
+            step=step,
+            time=elapsed,
+            train_loss=tl,
+            train_acc=ta,
+            test_loss=vl,
+            test_acc=va,
+        )
+
+    rows = [record(0, 0, 0.0)]
+    step, elapsed = 0, 0.0
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, BATCH):
+            idx = perm[i : i + BATCH]
+            xb, yb = xtr[idx], ytr[idx]
+            t0 = time.perf_counter()
+            closure = make_closure(opt, model, loss_fn, xb, yb)
+            if isinstance(opt, NGD):
+                opt.step(closure, inputs=xb, targets=yb)
+            else:
+                opt.step(closure)
+            elapsed += time.perf_counter() - t0
+            step += 1
+        rows.append(record(epoch, step, elapsed))
+        if not rows[-1]["train_loss"] < 1e3:
+            break
+    return rows
+
+
+def time_per_step(make_opt, data, steps: int) -> float:
+    """Seconds per optimizer step (closure included) over ``steps`` steps on fixed batches."""
+    xtr, ytr = data[0], data[1]
+    loss_fn = nn.CrossEntropyLoss()
+    model = new_model()
+    opt = make_opt(model, loss_fn)
+    batches = [(xtr[i : i + BATCH], ytr[i : i + BATCH]) for i in range(0, 1280, BATCH)]
+    t0 = time.perf_counter()
+    for k in range(steps):
+        xb, yb = batches[k % len(batches)]
+        closure = make_closure(opt, model, loss_fn, xb, yb)
+        if isinstance(opt, NGD):
+            opt.step(closure, inputs=xb, targets=yb)
+        else:
+            opt.step(closure)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=40)
+    args = parser.parse_args()
+    setup()
+    data = load()
+    epochs = args.epochs
+
+    def sgd(lr):
+        return lambda m, lf: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+
+    def adam(lr):
+        return lambda m, lf: torch.optim.Adam(m.parameters(), lr=lr)
+
+    def ngd(fisher, lr, damping, **kw):
+        return lambda m, lf: NGD(
+            m.parameters(), model=m, loss_fn=lf, fisher=fisher, lr=lr, damping=damping, **kw
+        )
+
+    kfac_kw = dict(kfac_labels="mc", kfac_decay=0.95, kfac_cov_interval=5, kfac_inv_interval=20)
+    configs = {
+        "SGD lr=0.01": sgd(0.01),
+        "SGD lr=0.03": sgd(0.03),
+        "SGD lr=0.1": sgd(0.1),
+        "Adam lr=3e-4": adam(3e-4),
+        "Adam lr=1e-3": adam(1e-3),
+        "Adam lr=3e-3": adam(3e-3),
+        "Adam lr=1e-2": adam(1e-2),
+        "NGD-exact (CG 10) lr=0.3": ngd("exact", 0.3, 1e-2, cg_iters=10),
+        "NGD-diagonal lr=0.03": ngd("diagonal", 0.03, 1e-2),
+        "NGD-diagonal lr=0.1": ngd("diagonal", 0.1, 1e-2),
+        "NGD-empirical (CG 10) lr=0.3": ngd("empirical", 0.3, 1e-2, cg_iters=10),
+        "K-FAC lr=0.1": ngd("kfac", 0.1, 1e-2, **kfac_kw),
+        "K-FAC lr=0.3": ngd("kfac", 0.3, 1e-2, **kfac_kw),
+    }
+    runs = {}
+    for name, make in configs.items():
+        runs[name] = train(name, make, data, epochs)
+        r = runs[name][-1]
+        print(
+            f"{name:32s} epoch {r['epoch']:3d} train loss {r['train_loss']:.3e} "
+            f"test acc {r['test_acc']:.4f} ({r['time']:.1f}s)",
+            flush=True,
+        )
+    write_csv("mlp_curves.csv", [r for rows in runs.values() for r in rows])
+
+    # --- summary -------------------------------------------------------------------------------
+    def best(prefix):
+        names = [n for n in runs if n.startswith(prefix)]
+        return min(names, key=lambda n: runs[n][-1]["train_loss"])
+
+    best_adam, best_kfac = best("Adam"), best("K-FAC")
+    adam_final = runs[best_adam][-1]["train_loss"]
+
+    def epochs_to(name, target):
+        return next((r["epoch"] for r in runs[name] if r["train_loss"] <= target), None)
+
+    summary = []
+    for name, rows in runs.items():
+        r = rows[-1]
+        summary.append(
+            dict(
+                optimizer=name,
+                epochs=r["epoch"],
+                final_train_loss=r["train_loss"],
+                test_acc=r["test_acc"],
+                best_test_acc=max(x["test_acc"] for x in rows),
+                epochs_to_adam_final=epochs_to(name, adam_final) or f"> {r['epoch']}",
+                ms_per_step=1e3 * r["time"] / r["step"],
+            )
+        )
+    print(f"\nDigits MLP, {epochs} epochs, batch {BATCH}; best Adam = {best_adam}")
+    print_table(
+        summary,
+        [
+            "optimizer",
+            "final_train_loss",
+            "test_acc",
+            "best_test_acc",
+            "epochs_to_adam_final",
+            "ms_per_step",
+        ],
+        {
+            "final_train_loss": "{:.2e}",
+            "test_acc": "{:.4f}",
+            "best_test_acc": "{:.4f}",
+            "ms_per_step": "{:.2f}",
+        },
+    )
+    write_csv("mlp_summary.csv", summary)
+
+    # --- per-step time, K-FAC vs SGD, interleaved rounds (robust to background load) -----------
+    timing = []
+    kfac_best_cfg = configs[best_kfac]
+    for _ in range(5):
+        t_sgd = time_per_step(configs["SGD lr=0.03"], data, 200)
+        t_kfac = time_per_step(kfac_best_cfg, data, 200)
+        timing.append((t_sgd, t_kfac))
+    t_sgd = statistics.median(t for t, _ in timing)
+    t_kfac = statistics.median(t for _, t in timing)
+    ratio = statistics.median(k / s for s, k in timing)
+    timing_rows = [
+        dict(round=i, sgd_ms=1e3 * s, kfac_ms=1e3 * k, ratio=k / s)
+        for i, (s, k) in enumerate(timing)
+    ]
+    write_csv("mlp_step_time.csv", timing_rows)
+    kfac_epochs = epochs_to(best_kfac, adam_final)
+    print(
+        f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
+        f"{best_kfac} reaches it at epoch {kfac_epochs} "
+        f"({'n/a' if kfac_epochs is None else f'{kfac_epochs / epochs:.2f}'} of Adam's epochs)."
+    )
+    print(
+        f"{best_kfac}: final test accuracy {runs[best_kfac][-1]['test_acc']:.4f}. "
+        f"Per-step time (median of 5 interleaved rounds of 200 steps): SGD {1e3 * t_sgd:.3f} ms, "
+        f"K-FAC {1e3 * t_kfac:.3f} ms, ratio {ratio:.2f} (factors every "
+        f"{kfac_kw['kfac_cov_interval']} steps, inverses every {kfac_kw['kfac_inv_interval']})."
+    )
+
+    shown = [best("SGD"), best_adam, *[n for n in runs if n.startswith("NGD")], best_kfac]
+    for key, label in (("epoch", "epoch"), ("time", "wall-clock (s)")):
+        plot_curves(
+            f"mlp_train_loss_vs_{key}.png",
+            {n: ([r[key] for r in runs[n]], [r["train_loss"] for r in runs[n]]) for n in shown},
+            label,
+            "train loss (full training set)",
+            "Digits MLP",
+            logy=True,
+        )
+        plot_curves(
+            f"mlp_test_acc_vs_{key}.png",
+            {n: ([r[key] for r in runs[n]], [r["test_acc"] for r in runs[n]]) for n in shown},
+            label,
+            "test accuracy",
+            "Digits MLP",
+        )
+
+
+if __name__ == "__main__":
+    main()
