@@ -13,15 +13,16 @@ from npg.fisher.base import FisherOperator
 
 @dataclass
 class NaturalStep:
-    """``step = sqrt(2δ / xᵀFx) · x`` with ``x ≈ (F + λI)⁻¹ g``.
+    """``step = sqrt(2δ / xᵀ(F + λI)x) · x`` with ``x ≈ (F + λI)⁻¹ g``.
 
     Attributes:
-        step: the parameter step (flat), sized so that ``½ stepᵀ F step = δ``.
+        step: the parameter step (flat), sized so that ``½ stepᵀ (F + λI) step = δ``.
         direction: the unscaled solve ``x``.
         xFx: ``xᵀ(F + λI)x``.
         predicted_improvement: ``gᵀ step``, the first-order gain of the objective.
         cg: the CG result (``None`` for direct solves).
-        status: ``"ok"`` or why no step was taken (``"zero_gradient"``, ``"nonpositive_curvature"``).
+        status: ``"ok"`` or why no step was taken: ``"zero_gradient"`` or
+            ``"nonpositive_curvature"``.
     """
 
     step: Tensor

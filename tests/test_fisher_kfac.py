@@ -173,7 +173,7 @@ def test_kfac_sampled_and_empirical_labels(arch: str, labels: str) -> None:
     model, x, family = make_case(arch, "categorical", n=4)
     if labels == "mc":
         gen = torch.Generator().manual_seed(5)
-        ys = [family.sample(model(x).detach(), gen) for _ in range(3)]
+        ys = list(family.sample(model(x).detach().repeat(3, 1), gen).split(x.shape[0]))
         op = make_fisher("kfac", model, x, family, kfac_labels="mc", n_samples=3, seed=5)
     else:
         ys = [torch_sample(family, model(x), seed=2)]

@@ -25,7 +25,8 @@ def output_scores(family: Family, out: Tensor, y: Tensor) -> Tensor:
 
 
 def per_sample_grads(fmodel: FunctionalModel, inputs: Inputs, w: Tensor) -> Tensor:
-    """Flat per-sample gradients ``g_ic = J_iᵀ w_ic``; ``w`` is ``(N, C, K)``, result ``(N, C, dim)``.
+    """Flat per-sample gradients ``g_ic = J_iᵀ w_ic``: ``w`` is ``(N, C, K)``, the result
+    ``(N, C, dim)``.
 
     Each sample is pushed through the model on its own (a batch of one), so the result is a true
     per-sample gradient, never a piece of the batch-mean gradient.
@@ -47,10 +48,15 @@ def per_sample_grads(fmodel: FunctionalModel, inputs: Inputs, w: Tensor) -> Tens
 def sampled_scores(
     family: Family, out: Tensor, n_samples: int, generator: torch.Generator | None
 ) -> Tensor:
-    """Output scores of ``n_samples`` labels drawn from the model per row, ``(N, S, K)``."""
-    return torch.stack(
-        [output_scores(family, out, family.sample(out, generator)) for _ in range(n_samples)], 1
-    )
+    """Output scores of ``n_samples`` labels drawn from the model per row, ``(N, S, K)``.
+
+    All labels come from one call on the batch repeated ``n_samples`` times (row ``s·N + i`` is
+    draw ``s`` for sample ``i``), so the cost does not grow with a python loop over draws.
+    """
+    n, k = out.shape
+    rep = out.detach().repeat(n_samples, 1)
+    scores = output_scores(family, rep, family.sample(rep, generator))
+    return scores.reshape(n_samples, n, k).transpose(0, 1)
 
 
 class OuterProductFisher(FisherOperator):
