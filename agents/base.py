@@ -223,8 +223,8 @@ class OnPolicyNaturalAlgorithm:
             isinstance(c["max_kl"], int | float) and c["max_kl"] > 0 and math.isfinite(c["max_kl"])
         ):
             raise _bad("max_kl", c["max_kl"], "a finite float > 0")
-        if not c["cg_damping"] >= 0:
-            raise _bad("cg_damping", c["cg_damping"], "a float >= 0")
+        if not (c["cg_damping"] >= 0 and math.isfinite(c["cg_damping"])):
+            raise _bad("cg_damping", c["cg_damping"], "a finite float >= 0")
         if int(c["cg_iters"]) < 1:
             raise _bad("cg_iters", c["cg_iters"], "an int >= 1")
         if not c["cg_tol"] >= 0:
@@ -252,8 +252,8 @@ class OnPolicyNaturalAlgorithm:
             raise _bad("gamma", c["gamma"], "a float in [0, 1]")
         if not 0 <= c["gae_lambda"] <= 1:
             raise _bad("gae_lambda", c["gae_lambda"], "a float in [0, 1]")
-        if not c["vf_lr"] > 0:
-            raise _bad("vf_lr", c["vf_lr"], "a float > 0")
+        if not (c["vf_lr"] > 0 and math.isfinite(c["vf_lr"])):
+            raise _bad("vf_lr", c["vf_lr"], "a finite float > 0")
         if int(c["vf_epochs"]) < 0:
             raise _bad("vf_epochs", c["vf_epochs"], "an int >= 0")
         if int(c["n_steps"]) < 1:
@@ -503,7 +503,7 @@ class OnPolicyNaturalAlgorithm:
     def _distribution_metrics(self, old_out: Tensor) -> dict[str, float]:
         m = {"entropy": float(self.family.entropy(old_out).mean())}
         actor = self.policy.actor
-        m["log_std_mean"] = float(actor.log_std.mean()) if actor.gaussian else float("nan")
+        m["log_std_mean"] = float(actor.log_std.detach().mean()) if actor.gaussian else float("nan")
         return m
 
     def _critic_update(self, obs: Tensor, returns: Tensor) -> dict[str, float]:
@@ -620,6 +620,8 @@ class OnPolicyNaturalAlgorithm:
             and isinstance(self.env, SyncVectorEnv)
             and len(env_states) == self.n_envs
         )
+        if not self._started:
+            self.env.reset(seed=self.seed)  # the envs exist but were never reset
         if exact:
             for sub, s in zip(self.env.envs, env_states, strict=True):
                 envs_mod.set_env_state(sub, s)

@@ -30,8 +30,8 @@ class RunningMeanStd:
     def state_dict(self) -> dict[str, object]:
         """Tensors and floats only (``torch.load(weights_only=True)``-safe)."""
         return {
-            "mean": torch.from_numpy(self.mean.copy()),
-            "var": torch.from_numpy(self.var.copy()),
+            "mean": torch.from_numpy(np.array(self.mean, np.float64)),
+            "var": torch.from_numpy(np.array(self.var, np.float64)),
             "count": self.count,
         }
 

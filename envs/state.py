@@ -26,7 +26,7 @@ _CLASSIC_EXTRA = ("steps_beyond_terminated", "last_u")
 def _kind(env: gym.Env) -> str | None:
     u = env.unwrapped
     module = type(u).__module__
-    if module.startswith("gymnasium.envs.classic_control") and hasattr(u, "state"):
+    if module.startswith("gymnasium.envs.classic_control"):
         return "classic"
     if module.startswith("gymnasium.envs.mujoco") and hasattr(u, "data"):
         return "mujoco"
@@ -75,8 +75,9 @@ def get_env_state(env: gym.Env) -> dict[str, Any]:
         for w in _wrappers(env)
     ]
     if kind == "classic":
-        state["state"] = None if u.state is None else _to_tensor(np.asarray(u.state))
-        state["state_is_tuple"] = isinstance(u.state, tuple)
+        cur = getattr(u, "state", None)
+        state["state"] = None if cur is None else _to_tensor(np.asarray(cur))
+        state["state_is_tuple"] = isinstance(cur, tuple)
         for name in _CLASSIC_EXTRA:
             if hasattr(u, name):
                 value = getattr(u, name)
