@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,9 @@ class CGResult:
         residual: ``‖g - A x‖ / ‖g‖`` of the returned ``x``.
         xAx: ``xᵀ A x`` for the damped operator ``A = F + λI`` (computed as ``xᵀ(g - r)``).
         converged: the relative residual reached ``tol``.
-        status: ``"converged"``, ``"max_iter"``, ``"zero_rhs"`` or ``"nonpositive_curvature"``.
+        status: ``"converged"``, ``"max_iter"``, ``"zero_rhs"`` or ``"nonpositive_curvature"``
+            (a search direction had ``pᵀAp ≤ 0``, or curvature at rounding level: see
+            :func:`conjugate_gradient`).
     """
 
     x: Tensor
@@ -48,7 +51,10 @@ def conjugate_gradient(
     approximation of ``(A + damping·I)⁻¹`` (e.g. a diagonal or K-FAC inverse). If a search
     direction has ``pᵀAp ≤ 0`` (the operator is not positive definite along it), the method stops
     before dividing by it and returns the last finite iterate with status
-    ``"nonpositive_curvature"``; it never returns NaN or inf.
+    ``"nonpositive_curvature"``; it never returns NaN or inf. The same happens when the curvature
+    ``pᵀAp / pᵀp`` falls below ``100·eps`` times the largest curvature seen so far: that is
+    rounding noise (a singular, undamped ``A`` whose range CG has exhausted, with ``b`` outside it),
+    and dividing by it would blow the iterate up by ``1/eps``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -72,6 +78,8 @@ def conjugate_gradient(
     status = "max_iter"
     iterations = 0
     r_norm = torch.linalg.vector_norm(r)
+    curvature_floor = 100 * torch.finfo(b.dtype).eps
+    max_curvature = 0.0
     for _ in range(max_iter):
         if r_norm <= tol * b_norm:
             status = "converged"
@@ -79,9 +87,11 @@ def conjugate_gradient(
         Ap = op(p)
         iterations += 1
         pAp = torch.dot(p, Ap)
-        if not (pAp > 0 and torch.isfinite(pAp)):
+        curvature = float(pAp / torch.dot(p, p))
+        if not (curvature > curvature_floor * max_curvature and math.isfinite(curvature)):
             status = "nonpositive_curvature"
             break
+        max_curvature = max(max_curvature, curvature)
         alpha = rz / pAp
         x = x + alpha * p
         r = r - alpha * Ap

@@ -146,3 +146,20 @@ def test_edge_cases() -> None:
     res = conjugate_gradient(lambda v: 2 * v, torch.ones(5), damping=1.0)
     assert res.iterations == 1 and res.converged
     assert_close(res.x, torch.full((5,), 1 / 3))
+
+
+def test_singular_inconsistent_system_does_not_blow_up() -> None:
+    """Undamped, singular PSD ``A`` with ``b`` outside its range (CG has no solution to find):
+    once the range is exhausted the curvature is rounding noise; CG stops there instead of
+    dividing by it (which threw the iterate to ~1e16 and made the reported residual wrong), and
+    the residual it reports is the true one."""
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(6)))
+    a = q[:, :3] @ torch.diag(torch.tensor([3.0, 1.0, 0.2])) @ q[:, :3].T  # rank 3
+    b = torch.randn(8, generator=torch.Generator().manual_seed(7))
+    res = conjugate_gradient(lambda v: a @ v, b, max_iter=50)
+    assert res.status == "nonpositive_curvature"
+    assert float(res.x.abs().max()) < 1e3
+    assert res.iterations <= 4  # three directions in the range, then the rounding-level one
+    true_res = float(torch.linalg.norm(b - a @ res.x) / torch.linalg.norm(b))
+    assert math.isclose(res.residual, true_res, rel_tol=1e-8)
+    assert math.isclose(res.xAx, float(res.x @ a @ res.x), rel_tol=1e-8)
