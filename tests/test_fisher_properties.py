@@ -3,6 +3,8 @@ is symmetric and PSD, and CG's answer satisfies the residual it reports."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from conftest import FreeLogStd, make_family, torch_sample
 from hypothesis import given, settings
@@ -36,7 +38,8 @@ def cases(draw):
     )
 
 
-@settings(max_examples=25, deadline=None)
+# NPG_HYPOTHESIS_EXAMPLES=400 for a longer search than the default suite's 25 examples
+@settings(max_examples=int(os.environ.get("NPG_HYPOTHESIS_EXAMPLES", "25")), deadline=None)
 @given(case=cases())
 def test_fisher_is_symmetric_psd_and_cg_reports_its_residual(case: dict) -> None:
     torch.manual_seed(case["seed"])
@@ -65,8 +68,13 @@ def test_fisher_is_symmetric_psd_and_cg_reports_its_residual(case: dict) -> None
     res = op.cg(g, lam, max_iter=case["cg_iters"], tol=1e-10)
     assert bool(torch.isfinite(res.x).all())
     a = dense + lam * torch.eye(op.dim, dtype=torch.float64)
-    true_res = float(torch.linalg.norm(g - a @ res.x) / torch.linalg.norm(g))
-    assert true_res <= res.residual * (1 + 1e-6) + 1e-9, (true_res, res)
-    assert abs(res.xAx - float(res.x @ a @ res.x)) <= 1e-8 * max(1.0, abs(res.xAx))
+    g_norm, x_norm = float(torch.linalg.norm(g)), float(torch.linalg.norm(res.x))
+    true_res = float(torch.linalg.norm(g - a @ res.x)) / g_norm
+    # rounding allowance: undamped singular systems can legitimately give a huge x (components
+    # g_i / λ_i along tiny eigenvalues), and products with it lose ~eps·‖A‖·‖x‖ absolutely
+    rounding = 1e-12 * scale * x_norm
+    assert true_res <= res.residual * (1 + 1e-6) + 1e-9 + rounding / g_norm, (true_res, res)
+    xax = float(res.x @ a @ res.x)
+    assert abs(res.xAx - xax) <= 1e-8 * max(1.0, abs(xax)) + rounding * x_norm
     if res.converged:
         assert true_res <= 1e-10 + 1e-9
