@@ -37,6 +37,8 @@ from torch import Tensor, nn
 
 from npg.fisher import DiagonalFisher, FisherOperator, KFACFisher
 from npg.fisher.base import DirectlyInvertible
+from npg.model import batch_size
+from npg.optim import NGD, _loss_identity
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -215,6 +217,96 @@ class DataParallelFisher(FisherOperator):
         )
 
 
+class DistributedNGD(NGD):
+    """:class:`npg.optim.NGD` for data-parallel training (DDP under ``torchrun``).
+
+    Every Fisher the optimizer builds on this rank's batch is wrapped in
+    :class:`DataParallelFisher` (K-FAC factors all-reduced before they enter the running
+    averages), Monte-Carlo labels are drawn with a per-rank seed, and the losses the adaptive
+    damping compares are all-reduced -- so every rank computes the same step and the replicas
+    stay identical. The gradient must already be the global one: DDP's average (exact when the
+    shards have equal size, as with ``DistributedSampler``), or :func:`all_reduce_grad`.
+
+    Pass the *inner* module (``ddp.module``) as ``model=`` and its parameters; compute the
+    closure's loss through the DDP wrapper so that ``backward`` all-reduces the gradient.
+    ``step`` returns the global mean loss. Losses must be mean-reduced; EKFAC is unsupported
+    (see :class:`DataParallelFisher`).
+
+    Extra args: ``group`` (process group, default: the world); ``rank_seed_stride``: rank
+    ``r`` samples with ``seed + step + r·stride``.
+    """
+
+    def __init__(
+        self, params, *, group: ProcessGroup = None, rank_seed_stride: int = 1 << 20, **kwargs
+    ) -> None:
+        super().__init__(params, **kwargs)
+        if self.fisher == "ekfac":
+            raise NotImplementedError("DistributedNGD: EKFAC is not supported data-parallel")
+        if self.loss_fn is not None and _loss_identity(self.loss_fn)[1].get("reduction") == "sum":
+            raise ValueError("DistributedNGD needs a mean-reduced loss (reduction='mean')")
+        self.group = group
+        self.rank, self.world_size = world_info(group)
+        self.rank_seed_stride = int(rank_seed_stride)
+
+    def _rank_seed(self, seed: int) -> int:
+        return seed + self.rank * self.rank_seed_stride
+
+    def _curvature(self, inputs, targets, family, step, mu):
+        if self.fisher == "kfac":  # running averages of factors from _kfac_operator (reduced)
+            return super()._curvature(inputs, targets, family, step, mu)
+        from npg import make_fisher as _make_fisher
+
+        group = self.param_groups[0]
+        info: dict = {}
+        op = DataParallelFisher(
+            _make_fisher(
+                self.fisher,
+                self.model,
+                inputs,
+                family,
+                targets=targets,
+                params=self._params,
+                n_samples=self.n_samples,
+                seed=self._rank_seed(self.seed + step),
+                diagonal=self.diagonal_variant,
+            ),
+            self.group,
+        )
+        if op.reduced:
+            return op.mv, op.inverse_mv, info
+
+        def solve(g: Tensor, mu: float) -> Tensor:
+            res = op.cg(g, mu, max_iter=group["cg_iters"], tol=group["cg_tol"])
+            info.update(cg_iterations=res.iterations, cg_residual=res.residual)
+            return res.x
+
+        return op.mv, solve, info
+
+    def _kfac_operator(self, inputs, targets, family, seed, ekfac=False):
+        local = super()._kfac_operator(inputs, targets, family, self._rank_seed(seed), ekfac)
+        return DataParallelFisher(local, self.group)
+
+    def _global_loss(self, loss: Tensor, inputs) -> Tensor:
+        return all_reduce_mean(loss.detach(), batch_size(inputs), group=self.group)
+
+    def step(self, closure=None, *, inputs=None, targets=None):  # type: ignore[override]
+        """:meth:`NGD.step`; the returned loss is the mean over the global batch."""
+        batch = inputs if inputs is not None else self._batch[0]
+        wrapped = closure
+        if closure is not None and batch is not None:
+
+            def wrapped() -> Tensor:
+                return self._global_loss(closure(), batch)
+
+        return super().step(wrapped, inputs=inputs, targets=targets)
+
+    def _reevaluate(self, closure, inputs, targets) -> Tensor:
+        loss = super()._reevaluate(closure, inputs, targets)
+        if self.loss_fn is not None and targets is not None:  # else: the wrapped closure's
+            loss = self._global_loss(loss, inputs)
+        return loss
+
+
 def all_reduce_fisher(op: FisherOperator, group: ProcessGroup = None) -> DataParallelFisher:
     """Wrap ``op`` (built on this rank's shard) as the operator of the global batch."""
     return DataParallelFisher(op, group)
@@ -236,6 +328,7 @@ def make_fisher(
 
 __all__ = [
     "DataParallelFisher",
+    "DistributedNGD",
     "all_reduce_fisher",
     "all_reduce_grad",
     "all_reduce_mean",

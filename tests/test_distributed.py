@@ -28,6 +28,8 @@ import npg
 from npg import distributed as npg_dist
 from npg.fisher import KFACFisher
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 SHARDS = (5, 8)
 N = sum(SHARDS)
 SEED = 3
@@ -67,8 +69,8 @@ class ConvNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.fc = nn.Linear(2 * 3 * 3, 3)
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
@@ -81,7 +83,7 @@ def make_problem(case: str) -> tuple[nn.Module, Tensor, Tensor, str]:
         model, x = GaussPolicy(), torch.randn(N, 3)
         y = torch.randn(N, 2)
         return model, x, y, "diag_gaussian"
-    model, x = ConvNet(), torch.randn(N, 1, 5, 5)
+    model, x = ConvNet(), torch.randn(N, 1, 3, 3)
     y = torch.randint(0, 3, (N,))
     return model, x, y, "categorical"
 
@@ -114,6 +116,59 @@ def evaluate(op: npg.FisherOperator) -> dict[str, Tensor]:
             res[f"diag_values{i}"] = d
         res["inverse_mv"] = local.inverse_mv(v, 0.1)
     return res
+
+
+# --- the supervised optimizer under DDP -------------------------------------------------------
+NGD_SHARD = 6  # DDP averages gradients uniformly: equal shards
+NGD_FLAVOURS = [
+    ("exact", dict(max_kl=0.05, adaptive_damping=True, cg_iters=8, cg_tol=0.0)),
+    ("empirical", dict(cg_iters=8, cg_tol=0.0)),
+    ("diagonal", dict(damping=0.1, adaptive_damping=True)),
+    ("kfac", dict(kfac_decay=0.5, kfac_inv_interval=1, kfac_inverse="eigen", max_kl=0.05)),
+]
+
+
+def ngd_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+    return model, torch.randn(2 * NGD_SHARD, 3), torch.randint(0, 3, (2 * NGD_SHARD,))
+
+
+def ngd_run(fisher: str, rank: int | None, steps: int = 3) -> Tensor:
+    """Final parameters after ``steps`` NGD steps: under DDP on shard ``rank``, or (``None``)
+    one process on the whole batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from npg.optim import NGD
+
+    model, x, y = ngd_problem()
+    kw = dict(
+        dict(NGD_FLAVOURS)[fisher],
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        fisher=fisher,
+        lr=1.0,
+    )
+    kw.setdefault("damping", 1e-2)
+    if rank is None:
+        net, opt = model, NGD(model.parameters(), **kw)
+    else:
+        x, y = (
+            x[rank * NGD_SHARD : (rank + 1) * NGD_SHARD],
+            y[rank * NGD_SHARD : (rank + 1) * NGD_SHARD],
+        )
+        net, opt = DDP(model), npg_dist.DistributedNGD(model.parameters(), **kw)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure, inputs=x, targets=y)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -150,6 +205,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             )
             with pytest.raises(NotImplementedError, match="EKFAC"):
                 npg_dist.make_fisher("ekfac", model, xs, fam, targets=ys)
+        results["ngd"] = {f: ngd_run(f, rank) for f, _ in NGD_FLAVOURS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -249,3 +305,14 @@ def test_rejects_ekfac_and_double_wrap() -> None:
         npg_dist.DataParallelFisher(op)
     with pytest.raises(TypeError, match="closed-form"):
         op.inverse_mv(torch.zeros(op.dim))
+
+
+@pytest.mark.parametrize("fisher", [f for f, _ in NGD_FLAVOURS])
+def test_ddp_ngd_matches_single_process(distributed_results, fisher) -> None:
+    """DDP + DistributedNGD on two shards takes the steps one process takes on the whole batch
+    (adaptive damping and the KL clip included), and the replicas stay identical."""
+    ref = ngd_run(fisher, None)
+    start = torch.cat([p.detach().reshape(-1) for p in ngd_problem()[0].parameters()])
+    assert not torch.allclose(ref, start)
+    for res in distributed_results:
+        torch.testing.assert_close(res["ngd"][fisher], ref, **TOL)
