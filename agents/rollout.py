@@ -138,6 +138,7 @@ class RolloutCollector:
         valid_buf[:] = True
         drop = self.on_nonfinite == "drop"
         all_rows = np.ones(self.n_envs, bool)
+        no_rows = np.zeros(self.n_envs, bool)
         final_index: list[tuple[int, int]] = []
         final_obs: list[np.ndarray] = []
         dropped = 0
@@ -149,15 +150,18 @@ class RolloutCollector:
             obs = self.cur_obs
             obs_buf[t] = obs
             with torch.inference_mode():
-                actions = policy.act(torch.from_numpy(obs).to(device), generator=gen).cpu()
+                actions = policy.act_fast(torch.from_numpy(obs).to(device), gen).cpu()
             act_buf[t] = actions.numpy()
             next_obs, reward, terminated, truncated, infos = env.step(
                 policy.to_env_actions(actions)
             )
             self.total_steps += self.n_envs
             reward = np.asarray(reward, dtype=np.float64)
-            bad = self._check(reward, "reward", all_rows, drop)
-            bad |= self._check(next_obs, "observation", all_rows, drop)
+            if np.isfinite(reward).all() and np.isfinite(next_obs).all():
+                bad = no_rows
+            else:
+                bad = self._check(reward, "reward", all_rows, drop)
+                bad |= self._check(next_obs, "observation", all_rows, drop)
             done = terminated | truncated
             self.ep_return += reward
             self.ep_length += 1
@@ -170,6 +174,7 @@ class RolloutCollector:
                         if not np.isfinite(fo).all():
                             if not drop:
                                 raise self._error("final observation", np.array([i]))
+                            bad = bad.copy()
                             bad[i] = True
                             continue
                         final_index.append((t, int(i)))

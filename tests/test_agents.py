@@ -472,9 +472,9 @@ def test_fisher_flavours_run(fisher, pre) -> None:
 
 def test_npg_takes_fixed_kl_steps_without_line_search() -> None:
     m: list[dict] = []
-    NPG("MlpPolicy", "CartPole-v1", max_kl=0.01, cg_damping=1e-3, **SMALL).learn(
-        4 * 128, callback=m.append
+    NPG("MlpPolicy", "CartPole-v1", max_kl=0.01, cg_damping=0.1, **SMALL).learn(
+        6 * 128, callback=m.append
     )
     assert all(x["ls_backtracks"] == 0 for x in m)
-    # the quadratic model says ½sᵀFs = δ; the measured KL is close to it
-    assert all(0.002 < x["kl"] < 0.05 for x in m)
+    # the quadratic model says ½sᵀ(F+λI)s = δ; the measured KL is close to (and below) it
+    assert all(0.002 < x["kl"] < 0.012 for x in m)

@@ -1,0 +1,100 @@
+"""Rollout bookkeeping cost: our collector vs SB3's ``OnPolicyAlgorithm.collect_rollouts``.
+
+    python scripts/bench_rollout.py --env CartPole-v1 --n-envs 1 8 --steps 4096
+
+For each setting it times (a) the bare vector-env steps with pre-sampled actions, (b) our
+``RolloutCollector.collect`` and (c) sb3-contrib TRPO's ``collect_rollouts`` (if installed),
+all single-threaded, and reports ms per vector step and the overhead over (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents import TRPO  # noqa: E402
+from envs import make_vec_env  # noqa: E402
+
+
+def bare_env(env_id: str, n_envs: int, steps: int) -> float:
+    """Seconds per vector step of the env alone (actions sampled beforehand)."""
+    env = make_vec_env(env_id, n_envs, seed=0)
+    actions = [env.action_space.sample() for _ in range(steps)]
+    t = time.perf_counter()
+    for a in actions:
+        env.step(a)
+    dt = (time.perf_counter() - t) / steps
+    env.close()
+    return dt
+
+
+def ours(env_id: str, n_envs: int, steps: int, repeats: int) -> float:
+    """Seconds per vector step of our collector (best of ``repeats``)."""
+    agent = TRPO("MlpPolicy", env_id, n_envs=n_envs, n_steps=steps, vf_minibatch=steps)
+    agent.collector.start(agent.env.reset(seed=0)[0])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        agent.collector.collect()
+        best = min(best, (time.perf_counter() - t) / steps)
+    agent.close()
+    return best
+
+
+def sb3(env_id: str, n_envs: int, steps: int, repeats: int) -> float | None:
+    """Seconds per vector step of sb3-contrib TRPO's ``collect_rollouts`` (best of repeats)."""
+    try:
+        from sb3_contrib import TRPO as SB3TRPO
+        from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+    except ImportError:
+        return None
+    model = SB3TRPO(
+        "MlpPolicy",
+        sb3_make_vec_env(env_id, n_envs, seed=0),
+        n_steps=steps,
+        batch_size=steps,
+        seed=0,
+        device="cpu",
+    )
+    _, callback = model._setup_learn(10**9, None)
+    callback.on_training_start(locals(), globals())
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
+        best = min(best, (time.perf_counter() - t) / steps)
+    model.env.close()
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: prints one table row per ``n_envs``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", default="CartPole-v1")
+    p.add_argument("--n-envs", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--steps", type=int, default=2048, help="vector steps per rollout")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"{args.env}, ms per vector step (best of {args.repeats} rollouts of {args.steps})")
+    print("n_envs | env only | ours  (overhead) | sb3   (overhead) | ours/sb3 overhead")
+    for n in args.n_envs:
+        env_t = bare_env(args.env, n, args.steps)
+        our_t = ours(args.env, n, args.steps, args.repeats)
+        sb_t = sb3(args.env, n, args.steps, args.repeats)
+        row = f"{n:6d} | {env_t * 1e3:8.4f} | {our_t * 1e3:.4f} ({(our_t - env_t) * 1e3:.4f})"
+        if sb_t is not None:
+            ratio = (our_t - env_t) / max(sb_t - env_t, 1e-12)
+            row += f" | {sb_t * 1e3:.4f} ({(sb_t - env_t) * 1e3:.4f}) | {ratio:.2f}"
+        print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

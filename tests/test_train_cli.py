@@ -1,0 +1,100 @@
+"""scripts/train.py and scripts/evaluate.py end to end, including SIGTERM and --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import evaluate as evaluate_cli  # noqa: E402
+import train as train_cli  # noqa: E402
+
+from agents.base import TIMING_KEYS  # noqa: E402
+
+FAST = ["--n-steps", "64", "--n-envs", "2", "--vf-minibatch", "64", "--vf-epochs", "2"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in csv.DictReader(f)]
+
+
+def test_train_writes_run_directory_with_preset(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code = train_cli.main(["--total-steps", "2048", "--run-dir", str(run), "--no-progress"])
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["algo"] == "trpo" and config["env"] == "CartPole-v1"
+    assert config["hyperparameters"]["n_steps"] == 512  # the CartPole preset
+    assert config["resolved"]["cg_damping"] == 1e-3
+    rows = _rows(run)
+    assert len(rows) == 2 and rows[-1]["timesteps"] == "2048"
+    for key in ("ep_return_mean", "kl", "cg_iterations", "ls_backtracks", "explained_variance"):
+        assert key in rows[0]
+    assert (run / "model.pt").is_file() and list((run / "checkpoints").glob("ckpt_*.pt"))
+    assert evaluate_cli.main([str(run), "--episodes", "2"]) == 0
+
+
+def test_bad_option_fails_before_run_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="max_kl=-1.0 is invalid"):
+        train_cli.main(["--max-kl", "-1", "--run-dir", str(run), "--no-progress"])
+    assert not run.exists()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args, "--no-progress"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("corrupt_newest", [False, True])
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path: Path, corrupt_newest: bool) -> None:
+    common = [*FAST, "--total-steps", "6400", "--checkpoint-every", "3", "--seed", "3"]
+    ref = tmp_path / "ref"
+    assert train_cli.main([*common, "--run-dir", str(ref), "--no-progress"]) == 0
+
+    run = tmp_path / "run"
+    proc = _spawn([*common, "--run-dir", str(run)])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (run / "metrics.csv").exists() and len(_rows(run)) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "--resume" in err
+    rows_at_stop = len(_rows(run))
+    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts and int(ckpts[-1].stem.split("_")[1]) == rows_at_stop  # metrics flushed
+    if corrupt_newest:
+        if len(ckpts) < 2:
+            pytest.skip("only one checkpoint")
+        ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:100])
+    with pytest.warns(UserWarning, match="falling back") if corrupt_newest else _null():
+        assert train_cli.main(["--resume", str(run), "--no-progress"]) == 0
+    assert _rows(run) == _rows(ref)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
