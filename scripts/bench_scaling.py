@@ -237,8 +237,8 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     rate ``r_w``), the learner's sequential gather of ``W`` trajectory objects (the measured
     transfer time ``τ(bytes) = τ0 + bytes/β``, fitted), and the learner's update on the whole
     batch (``U(B) = a + b·B``, fitted to the measured update times):
-    ``t(W) = E·T/r_w + W·τ(bytes_w) + U(W·E·T)``; throughput ``W·E·T / t(W)``, bounded by
-    ``B/U(B) → 1/b`` as the learner's update becomes the limit.
+    ``t(W) = n_w/r_w + W·τ(bytes(n_w)) + U(W·n_w)`` with ``n_w`` transitions per worker;
+    throughput ``W·n_w / t(W)``, bounded by ``B/U(B)`` (the learner's update as the limit).
     """
     data: dict[str, Any] = {}
     for path in args.inputs:
@@ -247,42 +247,54 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     ro, up, tr = data["rollout"], data["update"], data["transfer"]
     e, t = data["envs"], data["steps"]
     r_w = ro["ray-1"]["steps_per_s"]
-    b_slope, a_icpt = np.polyfit([r["batch"] for r in up], [r["seconds_median"] for r in up], 1)
+    bs = np.array([r["batch"] for r in up], float)
+    us = np.array([r["seconds_median"] for r in up], float)
+    b_slope, a_icpt = np.polyfit(bs, us, 1)
+    if a_icpt < 0:  # noise: refit through the origin
+        b_slope, a_icpt = float(bs @ us / (bs @ bs)), 0.0
     inv_beta, tau0 = np.polyfit([r["bytes"] for r in tr], [r["seconds_median"] for r in tr], 1)
     per_transition = statistics.median(r["bytes_per_transition"] for r in data["trajectories"])
-    bytes_w = per_transition * e * t
-    rows = []
-    for w in (1, 2, 8, 64, 512):
-        batch = w * e * t
-        t_roll = e * t / r_w
-        t_comm = w * (tau0 + bytes_w * inv_beta)
+
+    def row(w: int, per_worker: float) -> dict[str, float]:
+        batch = w * per_worker
+        t_roll = per_worker / r_w
+        t_comm = w * (tau0 + per_transition * per_worker * inv_beta)
         t_upd = a_icpt + b_slope * batch
         total = t_roll + t_comm + t_upd
-        rows.append(
-            {
-                "workers": w,
-                "batch": batch,
-                "rollout_s": t_roll,
-                "comm_s": t_comm,
-                "update_s": t_upd,
-                "steps_per_s": batch / total,
-                "update_bound": batch / t_upd,
-            }
-        )
+        return {
+            "workers": w,
+            "batch": batch,
+            "rollout_s": t_roll,
+            "comm_s": t_comm,
+            "update_s": t_upd,
+            "steps_per_s": batch / total,
+            "update_bound": batch / t_upd,
+        }
+
+    workers = (1, 2, 8, 64, 512)
+    grow = [row(w, e * t) for w in workers]  # fixed rollout per worker: the batch grows
+    fixed = [row(w, args.global_batch / w) for w in workers]  # fixed global batch
     print(
         f"\nU(B) = {a_icpt:.4f} s + {b_slope * 1e6:.2f} us * B; r_w = {r_w:.0f} steps/s; "
         f"transfer = {tau0 * 1e3:.2f} ms + bytes / {1 / inv_beta / 1e6:.0f} MB/s; "
-        f"{per_transition:.1f} bytes/transition; {e} envs x {t} steps per worker\n"
+        f"{per_transition:.1f} bytes/transition"
     )
-    print("| workers | batch | rollout s | gather s | update s | steps/s | bound B/U(B) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['workers']} | {r['batch']} | {r['rollout_s']:.3f} | {r['comm_s']:.3f} | "
-            f"{r['update_s']:.3f} | {r['steps_per_s']:.0f} | {r['update_bound']:.0f} |"
-        )
+    for title, table in (
+        (f"Fixed rollout per worker ({e} envs x {t} steps): the batch grows with W", grow),
+        (f"Fixed global batch {args.global_batch}: each worker collects B/W", fixed),
+    ):
+        print(f"\n{title}\n")
+        print("| workers | batch | rollout s | gather s | update s | steps/s | bound B/U(B) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in table:
+            print(
+                f"| {r['workers']} | {r['batch']:.0f} | {r['rollout_s']:.3f} | "
+                f"{r['comm_s']:.3f} | {r['update_s']:.3f} | {r['steps_per_s']:.0f} | "
+                f"{r['update_bound']:.0f} |"
+            )
     return {
-        "estimate": rows,
+        "estimate": grow,
+        "estimate_fixed_batch": fixed,
         "fit_update": [a_icpt, b_slope],
         "r_w": r_w,
         "fit_transfer": [tau0, inv_beta],
@@ -297,6 +309,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="*", default=[1024, 4096, 16384])
     p.add_argument("--inputs", nargs="*", default=[])
+    p.add_argument("--global-batch", type=int, default=65536, help="estimate: fixed batch")
     p.add_argument("--out", default=None, help="write the raw numbers here (JSON)")
     args = p.parse_args()
     torch.set_num_threads(1)
