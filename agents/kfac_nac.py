@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from gymnasium.vector import VectorEnv
 from torch import Tensor, nn
 
+from agents import register_algorithm
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
 from agents.presets import register_preset
 from npg.optim import NGD
@@ -341,3 +342,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 for _env, _params in PRESETS.items():
     register_preset(KFACNAC.algo_name, _env, _params)
+
+register_algorithm(KFACNAC.algo_name, KFACNAC)

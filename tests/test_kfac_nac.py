@@ -1,0 +1,134 @@
+"""K-FAC natural actor-critic: the KL-clipped step, both action types, both critics, the CLI."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from agents import ALGORITHMS
+from agents.base import flat_params
+from agents.kfac_nac import KFACNAC
+from agents.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(n_envs=1, n_steps=64, vf_minibatch=64, net_arch=(8, 8), seed=0)
+
+
+def _kfac_quadratic(agent: KFACNAC, step: Tensor) -> float:
+    """``sᵀF̂s`` from the running factors, written out with explicit Kronecker products:
+    per Linear layer ``vec([ΔW | Δb])ᵀ (A ⊗ G) vec([ΔW | Δb])`` (column-major vec), plus the
+    diagonal part (log-std) as ``Σ d_i s_i²``."""
+    kfac = agent.actor_optimizer._kfac
+    names = [n for n, _ in agent.policy.actor.named_parameters()]
+    shapes = [p.shape for p in agent.policy.actor.parameters()]
+    parts = dict(zip(names, torch.split(step, [math.prod(s) for s in shapes]), strict=True))
+    linears = [m for m in agent.policy.actor.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == len(kfac.blocks)
+    total = 0.0
+    mod_names = {m: n for n, m in agent.policy.actor.named_modules()}
+    for lin, block in zip(linears, kfac.blocks, strict=True):
+        prefix = mod_names[lin]
+        dw = parts[f"{prefix}.weight"].reshape(lin.out_features, lin.in_features)
+        db = parts[f"{prefix}.bias"].reshape(-1, 1)
+        s = torch.cat([dw, db], 1).double()
+        vec = s.T.reshape(-1)  # column-major
+        big = torch.kron(block.A.double(), block.G.double())
+        total += float(vec @ big @ vec)
+    if "log_std" in parts:
+        (d,) = kfac.diag_values
+        total += float((d.double() * parts["log_std"].double() ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("lr", [50.0, 1e-3])
+def test_accepted_step_respects_predicted_kl(env: str, lr: float) -> None:
+    """½ sᵀF̂s ≤ δ for every accepted step; a huge lr is clipped onto the bound (with the
+    damped model: ½ sᵀ(F̂+λI)s = δ), a tiny one is taken as lr·d unclipped."""
+    delta = 0.005
+    agent = KFACNAC("MlpPolicy", env, lr=lr, max_kl=delta, **SMALL)
+    prev = [flat_params(agent.policy.actor).clone()]
+    seen: list[dict] = []
+
+    def callback(m: dict) -> None:
+        now = flat_params(agent.policy.actor).clone()
+        step = now - prev[0]
+        prev[0] = now
+        quad = _kfac_quadratic(agent, step)
+        damped = quad + agent.damping * float(step.double() @ step.double())
+        assert 0.5 * quad <= delta * (1 + 1e-4)
+        assert m["predicted_kl"] == pytest.approx(0.5 * quad, rel=1e-3)
+        if lr > 1:
+            assert m["kl_clipped"]
+            assert 0.5 * damped == pytest.approx(delta, rel=1e-3)
+        else:
+            assert not m["kl_clipped"] and m["step_scale"] == lr
+        seen.append(m)
+
+    agent.learn(4 * 64, callback=callback)
+    assert len(seen) == 4
+    agent.close()
+
+
+def test_undamped_clipping_hits_the_bound() -> None:
+    agent = KFACNAC("MlpPolicy", "CartPole-v1", lr=50.0, max_kl=0.005, kl_clip_damped=False,
+                    **SMALL)  # fmt: skip
+    kls = []
+    agent.learn(2 * 64, callback=lambda m: kls.append(m["predicted_kl"]))
+    assert kls == pytest.approx([0.005, 0.005], rel=1e-4)
+    agent.close()
+
+
+@pytest.mark.parametrize("critic", ["kfac", "adam"])
+def test_learns_cartpole_quickly(critic: str) -> None:
+    """Both critics: the mean return of CartPole rises within 12k steps."""
+    p = get_preset("kfac-nac", "CartPole-v1")
+    p.pop("total_timesteps")
+    p["critic_optimizer"] = critic
+    if critic == "adam":
+        p.update(vf_lr=1e-3, vf_epochs=5, vf_minibatch=256)
+    agent = KFACNAC("MlpPolicy", "CartPole-v1", seed=1, **p)
+    returns: list[float] = []
+    agent.learn(12_288, callback=lambda m: returns.append(m["ep_return_mean"]))
+    assert returns[-1] > 1.5 * returns[0] and returns[-1] > 40
+    agent.close()
+
+
+def test_checkpoint_roundtrip_continues_identically(tmp_path: Path) -> None:
+    a = KFACNAC("MlpPolicy", "Pendulum-v1", **SMALL)
+    a.learn(2 * 64)
+    a.save(tmp_path / "a.pt")
+    b = KFACNAC.load(tmp_path / "a.pt")
+    a.learn(2 * 64, reset_num_timesteps=False)
+    b.learn(2 * 64, reset_num_timesteps=False)
+    torch.testing.assert_close(flat_params(a.policy), flat_params(b.policy), rtol=0, atol=0)
+    a.close()
+    b.close()
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="kfac_labels"):
+        KFACNAC("MlpPolicy", "CartPole-v1", kfac_labels="bogus", **SMALL)
+    with pytest.raises(ValueError, match="critic_optimizer"):
+        KFACNAC("MlpPolicy", "CartPole-v1", critic_optimizer="sgd", **SMALL)
+    with pytest.raises(ValueError, match="fisher"):
+        KFACNAC("MlpPolicy", "CartPole-v1", fisher="exact", **SMALL)
+
+
+def test_registered_and_cli(tmp_path: Path) -> None:
+    assert ALGORITHMS["kfac-nac"] is KFACNAC
+    assert get_preset("kfac-nac", "Hopper-v5")["lr"] == 0.25
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--algo", "kfac-nac",
+           "--env", "CartPole-v1", "--total-steps", "128", "--n-steps", "64", "--vf-minibatch",
+           "64", "--n-envs", "1", "--kfac-decay", "0.5", "--run-dir", str(run)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run / "model.pt").exists()
+    assert "kfac_decay" in (run / "config.json").read_text()
