@@ -34,3 +34,4 @@ __all__ = [
     "load_checkpoint",
     "register_algorithm",
 ]
+from agents import kfac_nac as _kfac_nac  # noqa: E402, F401  (registers "kfac-nac")
