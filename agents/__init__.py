@@ -9,7 +9,7 @@ from agents.base import (
 )
 from agents.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from agents.npg_agent import NPG
-from agents.rollout import NonFiniteError
+from agents.rollout import EnvStepError, NonFiniteError
 from agents.trpo import TRPO
 
 #: Algorithms by CLI name; other agents register here with :func:`register_algorithm`.
@@ -27,6 +27,7 @@ __all__ = [
     "TRPO",
     "CheckpointError",
     "CheckpointManager",
+    "EnvStepError",
     "NonFiniteError",
     "NonFiniteParametersError",
     "OnPolicyNaturalAlgorithm",

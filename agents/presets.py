@@ -83,11 +83,12 @@ _TRPO: dict[str, dict[str, Any]] = {
     "Walker2d-v5": dict(_MUJOCO),
 }
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "trpo": _TRPO,
-    # NPG shares the TRPO settings: same radius δ, the step is just not line-searched.
-    "npg": copy.deepcopy(_TRPO),
-}
+# NPG shares the TRPO settings except where re-tuned: its step is not line-searched, and on
+# CartPole δ = 0.02 was more reliable than 0.01 (too slow) or 0.05 (unstable) over 5 seeds.
+_NPG = copy.deepcopy(_TRPO)
+_NPG["CartPole-v1"]["max_kl"] = 0.02
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"trpo": _TRPO, "npg": _NPG}
 
 
 def get_preset(algo: str, env_id: str) -> dict[str, Any]:

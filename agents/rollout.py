@@ -29,6 +29,10 @@ class NonFiniteError(RuntimeError):
     """An env returned a NaN or inf observation or reward."""
 
 
+class EnvStepError(RuntimeError):
+    """An env (or an async vector-env worker) raised inside ``step``; the cause is chained."""
+
+
 @dataclass
 class RolloutBatch:
     """One rollout of ``T`` steps over ``E`` envs (all tensors share memory with the buffers).
@@ -152,9 +156,15 @@ class RolloutCollector:
             with torch.inference_mode():
                 actions = policy.act_fast(torch.from_numpy(obs).to(device), gen).cpu()
             act_buf[t] = actions.numpy()
-            next_obs, reward, terminated, truncated, infos = env.step(
-                policy.to_env_actions(actions)
-            )
+            try:
+                next_obs, reward, terminated, truncated, infos = env.step(
+                    policy.to_env_actions(actions)
+                )
+            except Exception as e:
+                raise EnvStepError(
+                    f"env {self.env_id!r} raised at env step {self.total_steps}: "
+                    f"{type(e).__name__}: {e} (async workers log their traceback above)"
+                ) from e
             self.total_steps += self.n_envs
             reward = np.asarray(reward, dtype=np.float64)
             if np.isfinite(reward).all() and np.isfinite(next_obs).all():

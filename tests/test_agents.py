@@ -478,3 +478,41 @@ def test_npg_takes_fixed_kl_steps_without_line_search() -> None:
     assert all(x["ls_backtracks"] == 0 for x in m)
     # the quadratic model says ½sᵀ(F+λI)s = δ; the measured KL is close to (and below) it
     assert all(0.002 < x["kl"] < 0.012 for x in m)
+
+
+class BoomEnv(gym.Env):
+    """Raises inside ``step`` at its ``at``-th step."""
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, at: int = 40) -> None:
+        self.at, self.t = at, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == self.at:
+            raise RuntimeError("boom inside the worker")
+        return np.full(2, 0.01 * self.t, np.float32), 1.0, self.t % 9 == 0, False, {}
+
+
+gym.register("test/Boom-v0", entry_point=BoomEnv)
+
+
+def test_async_worker_error_surfaces_and_checkpoint_survives(tmp_path: Path) -> None:
+    from agents import EnvStepError
+
+    agent = TRPO(
+        "MlpPolicy", "test/Boom-v0", n_envs=2, n_steps=16, vf_minibatch=32, vectorization="async"
+    )
+    ckpts = CheckpointManager(tmp_path)
+    with pytest.raises(EnvStepError, match="'test/Boom-v0' raised at env step") as e:
+        agent.learn(10 * 32, checkpoints=ckpts, checkpoint_every=1)
+    assert "boom inside the worker" in str(e.value)
+    state, path = ckpts.load_latest(fallback=False)
+    assert state["num_updates"] == 2 and path.name == "ckpt_00000002.pt"
+    assert state["env_states"] is None  # async envs: a resume restarts the episodes
