@@ -74,10 +74,15 @@ def train(name: str, make_opt, data, epochs: int) -> list[dict]:
             xb, yb = xtr[idx], ytr[idx]
             t0 = time.perf_counter()
             closure = make_closure(opt, model, loss_fn, xb, yb)
-            if isinstance(opt, NGD):
-                opt.step(closure, inputs=xb, targets=yb)
-            else:
-                opt.step(closure)
+            try:
+                if isinstance(opt, NGD):
+                    opt.step(closure, inputs=xb, targets=yb)
+                else:
+                    opt.step(closure)
+            except ValueError as err:  # a diverged run (NaN curvature) stops here
+                print(f"{name}: stopped at step {step}: {err}")
+                rows.append(record(epoch, step, elapsed))
+                return rows
             elapsed += time.perf_counter() - t0
             step += 1
         rows.append(record(epoch, step, elapsed))
@@ -123,7 +128,7 @@ def main() -> None:
             m.parameters(), model=m, loss_fn=lf, fisher=fisher, lr=lr, damping=damping, **kw
         )
 
-    kfac_kw = dict(kfac_labels="mc", kfac_decay=0.95, kfac_cov_interval=5, kfac_inv_interval=20)
+    kfac_kw = dict(kfac_labels="mc", kfac_decay=0.95, kfac_cov_interval=10, kfac_inv_interval=20)
     configs = {
         "SGD lr=0.01": sgd(0.01),
         "SGD lr=0.03": sgd(0.03),
@@ -133,11 +138,12 @@ def main() -> None:
         "Adam lr=3e-3": adam(3e-3),
         "Adam lr=1e-2": adam(1e-2),
         "NGD-exact (CG 10) lr=0.3": ngd("exact", 0.3, 1e-2, cg_iters=10),
+        "NGD-exact (CG 10) lr=1 KL<=1e-3": ngd("exact", 1.0, 1e-3, cg_iters=10, max_kl=1e-3),
         "NGD-diagonal lr=0.03": ngd("diagonal", 0.03, 1e-2),
-        "NGD-diagonal lr=0.1": ngd("diagonal", 0.1, 1e-2),
         "NGD-empirical (CG 10) lr=0.3": ngd("empirical", 0.3, 1e-2, cg_iters=10),
-        "K-FAC lr=0.1": ngd("kfac", 0.1, 1e-2, **kfac_kw),
-        "K-FAC lr=0.3": ngd("kfac", 0.3, 1e-2, **kfac_kw),
+        "K-FAC lr=0.3": ngd("kfac", 0.3, 1e-1, **kfac_kw),
+        "K-FAC lr=1 KL<=1e-3 damping=1e-2": ngd("kfac", 1.0, 1e-2, max_kl=1e-3, **kfac_kw),
+        "K-FAC lr=1 KL<=1e-3 damping=1e-3": ngd("kfac", 1.0, 1e-3, max_kl=1e-3, **kfac_kw),
     }
     runs = {}
     for name, make in configs.items():

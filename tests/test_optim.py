@@ -18,6 +18,17 @@ from npg.families import Bernoulli, Categorical, GaussianRegression
 from npg.fisher import KFACFisher
 from npg.optim import NGD, infer_likelihood
 
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 def _mlp(seed: int = 0, k: int = 3) -> nn.Module:
     torch.manual_seed(seed)
@@ -174,6 +185,26 @@ def test_kl_trust_region_step_size():
     # the step points downhill
     with torch.no_grad():
         assert float(loss_fn(model(x), y)) < float(loss_fn(out_old, y))
+
+
+def test_kl_trust_region_with_running_kfac():
+    """The K-FAC step on the KL boundary measures the KL with the K-FAC Fisher it inverts."""
+    model, (x, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    fisher = KFACFisher(model, x, Categorical(), "exact").to_dense()
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="kfac",
+        lr=None,
+        max_kl=1e-4,
+        damping=1e-2,
+    )
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    delta = _flat(model) - before
+    assert float(0.5 * delta @ fisher @ delta) == pytest.approx(1e-4, rel=1e-8)
 
 
 def test_kl_clipping_only_shrinks_large_steps():
@@ -339,7 +370,7 @@ def test_lm_damping_adapts(lr, direction):
         damping=1.0,
         adaptive_damping=True,
     )
-    loss0 = float(loss_fn(model(x), y))
+    loss0 = float(loss_fn(model(x), y).detach())
     opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     info = opt.last_info
     actual = float(loss_fn(model(x), y)) - loss0
@@ -411,7 +442,7 @@ def test_kfac_decreases_loss_with_running_averages():
         damping=1e-2,
         kfac_inv_interval=5,
     )
-    loss0 = float(loss_fn(model(x), y))
+    loss0 = float(loss_fn(model(x), y).detach())
     for _ in range(20):
         opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     assert float(loss_fn(model(x), y)) < 0.8 * loss0
