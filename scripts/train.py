@@ -204,7 +204,12 @@ def truncate_metrics(path: Path, updates: int) -> None:
     if not rows:
         return
     col = rows[0].index("update")
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[col]) <= updates]
+
+    def keep(row: list[str]) -> bool:
+        # a row cut short by a hard kill (SIGKILL, power loss) is dropped too
+        return len(row) == len(rows[0]) and row[col].isdigit() and int(row[col]) <= updates
+
+    kept = [rows[0]] + [r for r in rows[1:] if keep(r)]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)

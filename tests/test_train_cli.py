@@ -98,3 +98,27 @@ class _null:
 
     def __exit__(self, *a: object) -> None:
         return None
+
+
+def test_registered_algorithm_and_optional_loggers(tmp_path: Path) -> None:
+    from agents import ALGORITHMS, TRPO, register_algorithm
+
+    class MyTRPO(TRPO):
+        algo_name = "my-trpo"
+
+    register_algorithm("my-trpo", MyTRPO)
+    try:
+        run = tmp_path / "run"
+        args = ["--algo", "my-trpo", *FAST, "--total-steps", "128", "--run-dir", str(run)]
+        with pytest.warns(UserWarning) as rec:  # neither tensorboard nor wandb is required
+            code = train_cli.main([*args, "--no-progress", "--tensorboard", "--wandb"])
+        assert code == 0
+        msgs = " ".join(str(w.message) for w in rec)
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            assert "--tensorboard ignored" in msgs
+        assert json.loads((run / "config.json").read_text())["algo"] == "my-trpo"
+        assert len(_rows(run)) == 1
+    finally:
+        ALGORITHMS.pop("my-trpo")
