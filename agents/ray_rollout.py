@@ -185,7 +185,9 @@ class RolloutWorker:
         self.reward_scaler.rms.set_global(payload["reward_rms"])
         if self.generation != generation:
             self._begin(generation)  # observes the reset observations with the global stats
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         batch = self.collector.collect()
+        cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
         assert batch is not None
         n_new = self.collector.episodes_in_rollout  # the newest entries of the episode deque
         episodes = list(self.collector.episodes)[-n_new:] if n_new else []
@@ -199,6 +201,8 @@ class RolloutWorker:
             "obs_delta": self.obs_norm.rms.take_delta(),
             "reward_delta": self.reward_scaler.rms.take_delta(),
             "steps": int(batch.rewards.numel()),
+            "cpu_s": cpu_s,
+            "wall_s": wall_s,
         }
 
     def pid(self) -> int:
@@ -272,6 +276,7 @@ class RayRolloutCollector:
         self.lost_batches = 0
         self.last_payload_bytes = 0
         self.last_batch_bytes = 0
+        self.last_worker_times: list[tuple[float, float]] = []  # (CPU s, wall s) per worker
         self._pending: list[Any] | None = None
 
     # --- the RolloutCollector interface used by the agents ------------------------------------
@@ -385,6 +390,7 @@ class RayRolloutCollector:
         steps = sum(r["steps"] for r in results)
         self.total_steps += steps
         self.dropped_total += dropped
+        self.last_worker_times = [(r["cpu_s"], r["wall_s"]) for r in results]
         self.last_batch_bytes = sum(
             v.nbytes for r in results for k, v in r.items() if isinstance(v, np.ndarray)
         )

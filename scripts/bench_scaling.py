@@ -46,18 +46,27 @@ def _agent(n_envs: int, n_steps: int, net_arch=(64, 64), **kw: Any) -> TRPO:
     )
 
 
-def _timed_collects(collect, steps_per_collect: int, repeats: int) -> dict[str, float]:
+def _timed_collects(
+    collect, steps_per_collect: int, repeats: int, cpu_time=None
+) -> dict[str, float]:
+    """Median wall time of ``collect()``, and the env steps per CPU-second of the rollout
+    process(es) (``cpu_time()`` after a collect: the workers' own CPU seconds; default: this
+    process's), which depends much less than the wall time on the load of the shared machine."""
     collect()  # warm-up: env resets, worker start-up, first weights
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         collect()
         times.append(time.perf_counter() - t0)
+        cpus.append(cpu_time() if cpu_time is not None else time.process_time() - c0)
     med = statistics.median(times)
     return {
         "seconds_median": med,
+        "seconds_min": min(times),
         "steps": steps_per_collect,
         "steps_per_s": steps_per_collect / med,
+        "cpu_s_median": statistics.median(cpus),
+        "steps_per_cpu_s": steps_per_collect / statistics.median(cpus),
     }
 
 
@@ -79,7 +88,13 @@ def bench_rollout(args: argparse.Namespace) -> dict[str, Any]:
         for w in (1, 2):
             agent = _agent(e, t)
             col = attach_ray_workers(agent, w)
-            rows[f"ray-{w}"] = _timed_collects(col.collect, w * e * t, args.repeats)
+            rows[f"ray-{w}"] = _timed_collects(
+                col.collect,
+                w * e * t,
+                args.repeats,
+                # summed CPU seconds of the workers
+                cpu_time=lambda col=col: sum(c for c, _ in col.last_worker_times),
+            )
             rows[f"ray-{w}"]["payload_bytes"] = col.last_payload_bytes
             rows[f"ray-{w}"]["batch_bytes"] = col.last_batch_bytes
             agent.close()
@@ -89,10 +104,16 @@ def bench_rollout(args: argparse.Namespace) -> dict[str, Any]:
         f"\nRollout throughput, {ENV}, {e} envs x {t} steps per worker, median of "
         f"{args.repeats} (load average {load()})\n"
     )
-    print("| collector | transitions per rollout | seconds | env steps/s |")
-    print("|---|---|---|---|")
+    print(
+        "| collector | transitions per rollout | wall s (median / min) | env steps/s "
+        "| env steps per CPU-second of the rollout processes |"
+    )
+    print("|---|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {r['steps']} | {r['seconds_median']:.3f} | {r['steps_per_s']:.0f} |")
+        print(
+            f"| {k} | {r['steps']} | {r['seconds_median']:.3f} / {r['seconds_min']:.3f} | "
+            f"{r['steps_per_s']:.0f} | {r['steps_per_cpu_s']:.0f} |"
+        )
     return {"rollout": rows, "envs": e, "steps": t, "load": load()}
 
 
@@ -246,7 +267,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
             data.update(json.load(f))
     ro, up, tr = data["rollout"], data["update"], data["transfer"]
     e, t = data["envs"], data["steps"]
-    r_w = ro["ray-1"]["steps_per_s"]
+    r_w = ro["ray-1"]["steps_per_cpu_s"]  # one worker on a core of its own
     bs = np.array([r["batch"] for r in up], float)
     us = np.array([r["seconds_median"] for r in up], float)
     b_slope, a_icpt = np.polyfit(bs, us, 1)
