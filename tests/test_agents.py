@@ -166,7 +166,10 @@ def test_trpo_learns_gaussian_bandit() -> None:
 
 
 def test_zero_gradient_skips_the_update() -> None:
-    gym.register("test/FlatBandit-v0", entry_point=envs_mod.BanditEnv, kwargs={"means": (1.0,) * 3})
+    if "test/FlatBandit-v0" not in gym.registry:
+        gym.register(
+            "test/FlatBandit-v0", entry_point=envs_mod.BanditEnv, kwargs={"means": (1.0,) * 3}
+        )
     agent = TRPO("MlpPolicy", "test/FlatBandit-v0", **SMALL)
     before = _params(agent)
     metrics = []
@@ -323,8 +326,9 @@ class NaNEnv(gym.Env):
         return obs, reward, self.t % 7 == 0, False, {}
 
 
-gym.register("test/NaNObs-v0", entry_point=NaNEnv, kwargs={"at": 5, "field": "obs"})
-gym.register("test/InfReward-v0", entry_point=NaNEnv, kwargs={"at": 9, "field": "reward"})
+if "test/NaNObs-v0" not in gym.registry:
+    gym.register("test/NaNObs-v0", entry_point=NaNEnv, kwargs={"at": 5, "field": "obs"})
+    gym.register("test/InfReward-v0", entry_point=NaNEnv, kwargs={"at": 9, "field": "reward"})
 
 
 @pytest.mark.parametrize(
@@ -500,7 +504,8 @@ class BoomEnv(gym.Env):
         return np.full(2, 0.01 * self.t, np.float32), 1.0, self.t % 9 == 0, False, {}
 
 
-gym.register("test/Boom-v0", entry_point=BoomEnv)
+if "test/Boom-v0" not in gym.registry:
+    gym.register("test/Boom-v0", entry_point=BoomEnv)
 
 
 def test_async_worker_error_surfaces_and_checkpoint_survives(tmp_path: Path) -> None:
