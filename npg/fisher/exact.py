@@ -4,31 +4,70 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import vjp
 
 from npg.fisher.base import FisherOperator
 
 
 class ExactFisher(FisherOperator):
-    """True Fisher via Jacobian-vector and vector-Jacobian products (``torch.func``).
+    """True Fisher from Jacobian-vector and vector-Jacobian products with cached graphs.
 
-    The forward pass and both linearizations are built once in the constructor: ``J v`` comes
-    from the transpose of the cached vector-Jacobian map (the "double-vjp" trick), so a product
-    inside CG costs two backward sweeps and no forward pass. For exponential families this GGN
-    *is* the Fisher, not an approximation.
+    The constructor runs the forward pass once and builds ``g(u) = Jᵀ u`` with
+    ``create_graph=True`` at a dummy output cotangent ``u``. A product then costs two backward
+    sweeps and no forward pass: ``J v = ∂(g(u)·v)/∂u`` (the "double-vjp" trick: ``g`` is linear
+    in ``u``, so this is the transposed map), followed by ``Jᵀ (F_out J v) / N`` through the
+    forward graph. For exponential families this GGN *is* the Fisher, not an approximation.
+
+    Plain autograd rather than ``torch.func``: the same arithmetic, with less per-call overhead
+    (measured in ``scripts/bench_fisher.py``).
     """
 
     def __init__(self, model, inputs, family, params=None, param_dict=None) -> None:
         super().__init__(model, inputs, family, params, param_dict)
         fm = self.fmodel
-        out, self._vjp = vjp(lambda p: fm(p, inputs), fm.detached_params())
+        leaves = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
+        with torch.enable_grad():
+            out = fm(leaves, inputs)
+            if out.ndim != 2:
+                raise ValueError(f"model output must be (N, K), got shape {tuple(out.shape)}")
+            u = torch.zeros_like(out, requires_grad=True)
+            grads = torch.autograd.grad(
+                out, list(leaves.values()), u, create_graph=True, allow_unused=True
+            )
         self.out = out.detach()
-        if self.out.ndim != 2:
-            raise ValueError(f"model output must be (N, K), got shape {tuple(self.out.shape)}")
-        w0 = torch.zeros_like(self.out, requires_grad=True)
-        _, self._jvp = vjp(lambda w: self._vjp(w)[0], w0)
+        self._graph_out, self._u = out, u
+        self._leaves = list(leaves.values())
+        # parameters the output does not depend on have a zero Jacobian: skipped in J v
+        self._used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads = [grads[i] for i in self._used]
+
+    def _jv(self, v: Tensor) -> Tensor:
+        """``J v`` (shape ``(N, K)``) for a flat ``v``."""
+        if not self._grads:
+            return torch.zeros_like(self.out)
+        chunks = v.split(self.fmodel.numels)
+        vs = [chunks[i].reshape(self._grads[k].shape) for k, i in enumerate(self._used)]
+        with torch.enable_grad():
+            (jv,) = torch.autograd.grad(
+                self._grads, self._u, vs, retain_graph=True, allow_unused=True
+            )
+        return torch.zeros_like(self.out) if jv is None else jv
+
+    def _jtw(self, w: Tensor) -> Tensor:
+        """``Jᵀ w`` (flat) for an output-space ``w`` of shape ``(N, K)``."""
+        with torch.enable_grad():
+            g = torch.autograd.grad(
+                self._graph_out, self._leaves, w, retain_graph=True, allow_unused=True
+            )
+        return torch.cat(
+            [
+                torch.zeros(p.numel(), dtype=w.dtype, device=w.device)
+                if t is None
+                else t.reshape(-1)
+                for p, t in zip(self._leaves, g, strict=True)
+            ]
+        )
 
     def _mv(self, v: Tensor) -> Tensor:
-        u = self._jvp(self.fmodel.unflatten(v))[0]  # J v, shape (N, K)
+        u = self._jv(v)  # J v, shape (N, K)
         w = self.family.fisher_out_mv(self.out, u) / self.n  # F_out J v / N
-        return self.fmodel.flatten(self._vjp(w)[0])  # Jᵀ F_out J v / N
+        return self._jtw(w)  # Jᵀ F_out J v / N

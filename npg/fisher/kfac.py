@@ -282,10 +282,16 @@ def _backward_columns(out: Tensor, layer_outputs: list[Tensor], w: Tensor) -> li
     ``(C, *layer_output.shape)``. Rows are per-sample because samples do not interact."""
     if not layer_outputs:
         return []
-    cols = []
-    for c in range(w.shape[1]):
-        cols.append(torch.autograd.grad(out, layer_outputs, w[:, c], retain_graph=True))
-    return [torch.stack([col[k] for col in cols]) for k in range(len(layer_outputs))]
+    try:  # all columns in one vmapped backward pass
+        grads = torch.autograd.grad(
+            out, layer_outputs, w.transpose(0, 1), retain_graph=True, is_grads_batched=True
+        )
+        return list(grads)
+    except RuntimeError:  # an op without a batching rule: one backward pass per column
+        cols = []
+        for c in range(w.shape[1]):
+            cols.append(torch.autograd.grad(out, layer_outputs, w[:, c], retain_graph=True))
+        return [torch.stack([col[k] for col in cols]) for k in range(len(layer_outputs))]
 
 
 def _layer_rows(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
