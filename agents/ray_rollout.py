@@ -278,10 +278,15 @@ class RayRolloutCollector:
         self.last_batch_bytes = 0
         self.last_worker_times: list[tuple[float, float]] = []  # (CPU s, wall s) per worker
         self._pending: list[Any] | None = None
+        self._learner_obs: np.ndarray | None = None  # raw
+        self._learner_norm_obs: np.ndarray | None = None  # normalized
 
     # --- the RolloutCollector interface used by the agents ------------------------------------
     def start(self, obs: np.ndarray | None = None) -> None:
-        """The workers reset their own envs at their first rollout; ``obs`` is ignored."""
+        """The workers reset their own envs at their first rollout. ``obs`` (the learner's own
+        env after its reset) is kept only so that checkpoints stay loadable without Ray."""
+        if obs is not None:
+            self._learner_obs = np.array(obs, copy=True)
 
     def collect(self, should_stop: Callable[[], bool] | None = None) -> RolloutBatch | None:
         """One rollout on every worker, concatenated along the env axis (``None`` if
@@ -409,7 +414,19 @@ class RayRolloutCollector:
 
     # --- checkpoints: episode statistics only (workers restart their episodes on resume) ------
     def state_dict(self) -> dict[str, object]:
+        """Episode statistics and worker generations, plus an in-process-collector view of the
+        learner's own env (fresh episodes) so that the checkpoint also resumes without Ray."""
+        n = self.agent.env.num_envs
+        if self._learner_norm_obs is not None:
+            cur = self._learner_norm_obs
+        elif self._learner_obs is not None:
+            cur = self.agent.obs_normalizer(self._learner_obs, update=False)
+        else:
+            cur = np.zeros((n, self.agent.policy.obs_dim), np.float32)
         return {
+            "cur_obs": torch.from_numpy(np.array(cur, dtype=np.float32, copy=True)),
+            "ep_return": torch.zeros(n, dtype=torch.float64),
+            "ep_length": torch.zeros(n, dtype=torch.int64),
             "episodes": [list(e) for e in self.episodes],
             "total_steps": self.total_steps,
             "dropped_total": self.dropped_total,
@@ -442,15 +459,24 @@ def attach_ray_workers(
     max_restarts: int = 3,
     **ray_init_kwargs: Any,
 ) -> RayRolloutCollector:
-    """Make ``agent`` collect its rollouts on ``workers`` Ray actors (call before ``learn``).
+    """Make ``agent`` collect its rollouts on ``workers`` Ray actors (before ``learn``).
 
     Each worker runs ``n_envs`` sub-envs, so an update sees ``workers · n_envs · n_steps``
     transitions; ``agent.n_envs`` is set to ``workers · n_envs`` for the step accounting. The
-    agent's own vector env is then used only for spaces and :meth:`predict`.
+    agent's own vector env is then used only for spaces and :meth:`predict`. On an agent that
+    has already trained (e.g. loaded from a checkpoint) the episode statistics carry over and
+    the workers start fresh episodes with seeds of generation ``num_updates``.
     """
-    if getattr(agent, "_started", False):
-        raise RuntimeError("attach the Ray workers before the first learn()")
+    old = agent.collector
     collector = RayRolloutCollector(agent, workers, ray_address, max_restarts, ray_init_kwargs)
+    if getattr(agent, "_started", False):
+        collector.episodes.extend(old.episodes)
+        collector.total_steps = int(getattr(old, "total_steps", 0))
+        collector.dropped_total = int(getattr(old, "dropped_total", 0))
+        collector.generations = [int(agent.num_updates)] * workers
+        cur = getattr(old, "cur_obs", None)
+        if cur is not None:  # the learner env's current observation, already normalized
+            collector._learner_norm_obs = np.array(cur, copy=True)
     agent.collector = collector
     agent.n_envs = collector.n_envs
     close = agent.close

@@ -199,3 +199,34 @@ def test_training_with_workers_reaches_cartpole_threshold(local_ray) -> None:
     finally:
         agent.close()
     assert max(best) >= 195, max(best)
+
+
+def test_checkpoint_of_a_ray_run_resumes_with_and_without_workers(local_ray, tmp_path) -> None:
+    agent = TRPO("MlpPolicy", "CartPole-v1", seed=2, **SMALL)
+    attach_ray_workers(agent, 2)
+    try:
+        agent.learn(2 * 256)
+        path = agent.save(tmp_path / "model.pt")
+        count = agent.obs_normalizer.rms.count
+        episodes = list(agent.collector.episodes)
+    finally:
+        agent.close()
+    plain = TRPO.load(path)  # the in-process collector, fresh episodes on the learner's env
+    try:
+        assert plain.obs_normalizer.rms.count == count
+        assert list(plain.collector.episodes) == episodes
+        plain.learn(128, reset_num_timesteps=False)
+        assert plain.num_timesteps == 512 + 128
+    finally:
+        plain.close()
+    again = TRPO.load(path)
+    col = attach_ray_workers(again, 2)
+    try:
+        assert list(col.episodes) == episodes and col.generations == [2, 2]
+        again.learn(256, reset_num_timesteps=False)
+        assert again.num_timesteps == 512 + 256
+        assert again.obs_normalizer.rms.count == pytest.approx(
+            count + 2 * 2 + 256
+        )  # resets + steps
+    finally:
+        again.close()
