@@ -58,6 +58,12 @@ def group_key(run_dir: Path, group_by: str) -> str:
     return f"{group_by}={value}"
 
 
+def env_of(run_dir: Path) -> str:
+    """The env id of a run (its panel in the figure)."""
+    cfg_path = run_dir / "config.json"
+    return json.loads(cfg_path.read_text()).get("env", "?") if cfg_path.exists() else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,16 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     groups: dict[str, list[Path]] = defaultdict(list)
+    panel_of: dict[str, str] = {}
     for r in args.runs:
         path = Path(r)
         if (path / "metrics.csv").exists():
-            groups[group_key(path, args.group_by)].append(path)
+            label = group_key(path, args.group_by)
+            groups[label].append(path)
+            panel_of[label] = env_of(path)
         elif path.is_dir():
             print(f"skipping {path}: no metrics.csv", file=sys.stderr)
     if not groups:
         raise SystemExit("no runs with metrics.csv")
-    envs = sorted({k.split(" ", 1)[-1] for k in groups}) if args.group_by == "auto" else [""]
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    panels = sorted(set(panel_of.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for label, runs in sorted(groups.items()):
         curves = [read_run(r, args.metric) for r in runs]
         curves = [c for c in curves if len(c[0]) > 1]
@@ -92,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         mean = ys.mean(0)
         n = len(curves)
         half = t_quantile(n - 1) * ys.std(0, ddof=1) / np.sqrt(n) if n > 1 else 0 * mean
-        ax = axes[0][envs.index(label.split(" ", 1)[-1]) if args.group_by == "auto" else 0]
+        ax = axes[0][panels.index(panel_of[label])]
         (line,) = ax.plot(grid, mean, label=f"{label} (n={n})")
         ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.25)
-    for ax, env in zip(axes[0], envs, strict=True):
+    for ax, env in zip(axes[0], panels, strict=True):
         ax.set_xlabel("env steps")
         ax.set_ylabel(args.metric)
-        ax.set_title(args.title or env or args.metric)
+        ax.set_title(args.title or env)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
