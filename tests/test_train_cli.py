@@ -122,3 +122,18 @@ def test_registered_algorithm_and_optional_loggers(tmp_path: Path) -> None:
         assert len(_rows(run)) == 1
     finally:
         ALGORITHMS.pop("my-trpo")
+
+
+def test_plot_mean_and_ci_over_seeds(tmp_path: Path) -> None:
+    import plot as plot_cli
+
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"trpo_s{seed}"
+        args = [*FAST, "--total-steps", "640", "--seed", str(seed), "--run-dir", str(run)]
+        assert train_cli.main([*args, "--no-progress"]) == 0
+        runs.append(str(run))
+    out = tmp_path / "fig.png"
+    assert plot_cli.main([*runs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_cli.t_quantile(1) == 12.706 and plot_cli.t_quantile(100) == 1.96
