@@ -212,9 +212,17 @@ def main() -> None:
         gd_results[lr] = steps
     finite = {lr: s for lr, s in gd_results.items() if s is not None}
     best_lr = min(finite, key=finite.get)
+    # refine between the best grid value and its larger neighbour
+    upper = min((lr for lr in grid if lr > best_lr), default=best_lr * 1.25)
+    for lr in np.linspace(best_lr, upper, 12)[1:-1]:
+        lr = float(round(lr, 5))
+        gd_results[lr], _ = gd_steps_to_tol(x, y, lr, l_star, tol, cap)
+    finite = {lr: s for lr, s in gd_results.items() if s is not None}
+    best_lr = min(finite, key=finite.get)
     best_steps, best_gaps = gd_steps_to_tol(x, y, best_lr, l_star, tol, cap)
     grid_rows = [
-        dict(lr=lr, steps_to_1e8=("> cap" if s is None else s)) for lr, s in gd_results.items()
+        dict(lr=lr, steps_to_1e8=("> cap" if s is None else s))
+        for lr, s in sorted(gd_results.items())
     ]
     write_csv("logreg_gd_grid.csv", grid_rows)
     print("\nGradient descent step-size grid (full batch, steps to L - L* <= 1e-8, cap 100k):")

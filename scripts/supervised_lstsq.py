@@ -172,7 +172,7 @@ def main() -> None:
             ngd_l, ngd_t = ngd_run(kind, 300, lr=1.0, damping=1e-3, adaptive_damping=True)
             l_star, tol = min(ngd_l), 1e-6  # gap to the best loss Gauss-Newton found
         best = None
-        for lr in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+        for lr in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
             losses, times = gd_run(kind, lr, steps[kind], l_star)
             reach = first_below(losses, l_star + tol * max(1.0, l_star))
             key = (0, reach) if reach is not None else (1, min(losses))
