@@ -1,0 +1,366 @@
+"""Benchmark our TRPO against sb3-contrib's TRPO with identical hyperparameters.
+
+Both sides get the same task preset (:mod:`agents.presets`): ``n_envs``, ``n_steps``, the
+(64, 64) tanh MLPs with orthogonal init, CG iterations and damping, line-search shrink and
+iterations, critic epochs / minibatch / Adam lr (and Adam ``eps=1e-8`` on both), ``max_kl`` as
+sb3's ``target_kl``, and the same observation/reward normalization (sb3: ``VecNormalize``, ours:
+the built-in running normalizers). Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
+``SyncVectorEnv`` (both in-process, one env after the other).
+
+Every run is a fresh subprocess (``torch.set_num_threads(1)``); sb3 and ours alternate (the order
+flips on every repeat) so that load from other jobs on a shared machine hits both alike. Reported
+per run: wall time of ``learn()``, the median time of one update (sb3: the ``train()`` call;
+ours: ``time_total - time_rollout``, i.e. GAE + policy step + critic), and the deterministic
+return of the final policy (mean over ``--eval-episodes`` episodes on separately seeded envs).
+Both wall-clock (``perf_counter``) and process CPU time (``process_time``, far less sensitive to
+other jobs on a shared machine) are recorded for the whole ``learn()`` and for each update.
+
+    python scripts/bench_vs_sb3.py --envs CartPole-v1 Hopper-v5 --steps 100000 200000 \
+        --seeds 0 1 2 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EVAL_SEED = 10_000
+
+
+def _hyperparameters(env_id: str) -> dict[str, Any]:
+    """Our preset for ``env_id`` (TRPO), with the library defaults for what it leaves out."""
+    import inspect
+
+    from agents import TRPO
+    from agents.presets import get_preset
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(TRPO.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    hp = get_preset("trpo", env_id)
+    hp.pop("total_timesteps", None)
+    for k in (
+        "n_envs", "n_steps", "gamma", "gae_lambda", "max_kl", "cg_iters", "cg_damping",
+        "line_search_max_iter", "line_search_shrink", "vf_lr", "vf_epochs", "vf_minibatch",
+        "normalize_advantage", "normalize_obs", "normalize_reward", "clip_obs", "net_arch",
+        "activation", "ortho_init", "log_std_init",
+    ):  # fmt: skip
+        hp.setdefault(k, defaults[k])
+    hp["net_arch"] = [int(x) for x in hp["net_arch"]]
+    return hp
+
+
+def _evaluate(act: Any, env_id: str, episodes: int) -> list[float]:
+    """Deterministic returns of ``act(raw_obs) -> action`` on ``episodes`` fresh episodes."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=EVAL_SEED + k)
+        done, total = False, 0.0
+        while not done:
+            obs, r, term, trunc, _ = env.step(act(obs))
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def run_sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]:
+    """sb3-contrib TRPO on a ``DummyVecEnv`` (+ ``VecNormalize`` when the preset normalizes)."""
+    import torch
+    from sb3_contrib import TRPO as SB3TRPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    torch.set_num_threads(1)
+    hp = _hyperparameters(env_id)
+    venv = make_vec_env(env_id, n_envs=hp["n_envs"], seed=seed, vec_env_cls=DummyVecEnv)
+    if hp["normalize_obs"] or hp["normalize_reward"]:
+        venv = VecNormalize(
+            venv,
+            norm_obs=hp["normalize_obs"],
+            norm_reward=hp["normalize_reward"],
+            clip_obs=hp["clip_obs"],
+            gamma=hp["gamma"],
+        )
+    activations = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
+    train_times: list[float] = []
+    train_cpu: list[float] = []
+
+    class TimedTRPO(SB3TRPO):
+        def train(self) -> None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            super().train()
+            train_times.append(time.perf_counter() - t0)
+            train_cpu.append(time.process_time() - c0)
+
+    model = TimedTRPO(
+        "MlpPolicy",
+        venv,
+        learning_rate=hp["vf_lr"],
+        n_steps=hp["n_steps"],
+        batch_size=hp["vf_minibatch"],
+        gamma=hp["gamma"],
+        cg_max_steps=hp["cg_iters"],
+        cg_damping=hp["cg_damping"],
+        line_search_shrinking_factor=hp["line_search_shrink"],
+        line_search_max_iter=hp["line_search_max_iter"],
+        n_critic_updates=hp["vf_epochs"],
+        gae_lambda=hp["gae_lambda"],
+        normalize_advantage=hp["normalize_advantage"],
+        target_kl=hp["max_kl"],
+        policy_kwargs=dict(
+            net_arch=dict(pi=hp["net_arch"], vf=hp["net_arch"]),
+            activation_fn=activations[hp["activation"]],
+            ortho_init=hp["ortho_init"],
+            log_std_init=hp["log_std_init"],
+            optimizer_kwargs=dict(eps=1e-8),  # torch's default, as our critic's Adam
+        ),
+        seed=seed,
+        device="cpu",
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.learn(steps)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if isinstance(venv, VecNormalize):
+        venv.training = False
+
+    def act(obs: np.ndarray) -> Any:
+        o = obs[None]
+        if isinstance(venv, VecNormalize):
+            o = venv.normalize_obs(o)
+        return model.predict(o, deterministic=True)[0][0]
+
+    returns = _evaluate(act, env_id, episodes)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "updates": len(train_times),
+        "timesteps": int(model.num_timesteps),
+        "update_s_median": statistics.median(train_times),
+        "update_cpu_s_median": statistics.median(train_cpu),
+        "update_s_total": sum(train_times),
+        "eval_return": float(np.mean(returns)),
+    }
+
+
+def run_ours(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]:
+    """Our TRPO (exact Fisher) on a Gymnasium ``SyncVectorEnv``."""
+    import torch
+
+    from agents import TRPO
+
+    torch.set_num_threads(1)
+    hp = _hyperparameters(env_id)
+    train_cpu: list[float] = []
+
+    class TimedTRPO(TRPO):
+        def train_on_batch(self, batch: Any) -> dict[str, Any]:
+            c0 = time.process_time()
+            out = super().train_on_batch(batch)
+            train_cpu.append(time.process_time() - c0)
+            return out
+
+    model = TimedTRPO("MlpPolicy", env_id, seed=seed, vectorization="sync", num_threads=1, **hp)
+    metrics: list[dict[str, Any]] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.learn(steps, callback=metrics.append)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    update = [m["time_total"] - m["time_rollout"] for m in metrics]
+
+    def act(obs: np.ndarray) -> Any:
+        return model.predict(obs, deterministic=True)[0]
+
+    returns = _evaluate(act, env_id, episodes)
+    split = {
+        f"{k}_total": sum(m[k] for m in metrics)
+        for k in ("time_rollout", "time_fisher_cg", "time_line_search", "time_critic")
+    }
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "updates": len(metrics),
+        "timesteps": int(model.num_timesteps),
+        "update_s_median": statistics.median(update),
+        "update_cpu_s_median": statistics.median(train_cpu),
+        "update_s_total": sum(update),
+        "eval_return": float(np.mean(returns)),
+        **split,
+    }
+
+
+def _worker(args: argparse.Namespace) -> None:
+    fn = run_sb3 if args.worker == "sb3" else run_ours
+    out = fn(args.env, args.steps[0], args.seed, args.eval_episodes)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _spawn(impl: str, env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable, __file__, "--worker", impl, "--env", env_id, "--steps", str(steps),
+        "--seed", str(seed), "--eval-episodes", str(episodes),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{impl} {env_id} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _summary(rows: list[dict[str, Any]], env_id: str) -> dict[str, Any]:
+    def med(impl: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["impl"] == impl and r["env"] == env_id)
+
+    def mean_sd(impl: str) -> tuple[float, float]:
+        xs = [r["eval_return"] for r in rows if r["impl"] == impl and r["env"] == env_id]
+        return float(np.mean(xs)), float(np.std(xs))
+
+    ours_ret, sb3_ret = mean_sd("ours"), mean_sd("sb3")
+    return {
+        "env": env_id,
+        "runs_per_impl": sum(1 for r in rows if r["impl"] == "ours" and r["env"] == env_id),
+        "sb3_wall_s": med("sb3", "wall_s"),
+        "ours_wall_s": med("ours", "wall_s"),
+        "wall_ratio": med("ours", "wall_s") / med("sb3", "wall_s"),
+        "sb3_update_s": med("sb3", "update_s_median"),
+        "ours_update_s": med("ours", "update_s_median"),
+        "update_ratio": med("ours", "update_s_median") / med("sb3", "update_s_median"),
+        "sb3_cpu_s": med("sb3", "cpu_s"),
+        "ours_cpu_s": med("ours", "cpu_s"),
+        "cpu_ratio": med("ours", "cpu_s") / med("sb3", "cpu_s"),
+        "sb3_update_cpu_s": med("sb3", "update_cpu_s_median"),
+        "ours_update_cpu_s": med("ours", "update_cpu_s_median"),
+        "update_cpu_ratio": med("ours", "update_cpu_s_median") / med("sb3", "update_cpu_s_median"),
+        "sb3_return_mean": sb3_ret[0],
+        "sb3_return_sd": sb3_ret[1],
+        "ours_return_mean": ours_ret[0],
+        "ours_return_sd": ours_ret[1],
+    }
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``bench_runs*.csv`` with numbers parsed."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v) if v != "" else float("nan")
+                except ValueError:
+                    row[k] = v
+            rows.append(row)
+    return rows
+
+
+def _plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Bar chart of the median run and update times (wall and CPU), ours / sb3-contrib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = [
+        ("whole run", [("wall", "wall_s"), ("CPU", "cpu_s")], "s"),
+        ("one update", [("wall", "update_s"), ("CPU", "update_cpu_s")], "s"),
+    ]
+    x = np.arange(len(summary))
+    for ax, (title, pairs, unit) in zip(axes, keys, strict=True):
+        width = 0.2
+        for j, (label, key) in enumerate(pairs):
+            for k, impl in enumerate(("sb3", "ours")):
+                vals = [s[f"{impl}_{key}"] for s in summary]
+                off = (2 * j + k - 1.5) * width
+                bars = ax.bar(x + off, vals, width, label=f"{impl} {label}", alpha=0.9 - 0.4 * j)
+                if impl == "ours":
+                    for b, s in zip(bars, summary, strict=True):
+                        ratio = s[f"ours_{key}"] / s[f"sb3_{key}"]
+                        ax.annotate(f"{ratio:.2f}x", (b.get_x() + width / 2, b.get_height()),
+                                    ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.set_xticks(x, [s["env"] for s in summary])
+        ax.set_yscale("log")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title} (median over runs; label: ours/sb3)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the alternating benchmark and write the per-run and summary CSVs."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=["CartPole-v1", "Hopper-v5"])
+    p.add_argument("--steps", nargs="+", type=int, default=[100_000, 200_000])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--out", default="docs/bench", help="folder for bench_runs.csv / summary")
+    p.add_argument("--tag", default="", help="suffix of the CSV names")
+    p.add_argument("--from-csv", default=None, help="only summarize/plot this bench_runs CSV")
+    p.add_argument("--worker", choices=["sb3", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--env", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    if not args.from_csv and len(args.steps) != len(args.envs):
+        p.error("--steps needs one value per --envs entry")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    runs_path = out / f"bench_runs{args.tag}.csv"
+    if args.from_csv:
+        rows = _load_rows(Path(args.from_csv))
+        args.envs = [e for e in args.envs if any(r["env"] == e for r in rows)]
+        args.seeds = []
+    for env_id, steps in zip(args.envs, args.steps, strict=False):
+        for i, seed in enumerate(args.seeds):
+            order = ("sb3", "ours") if i % 2 == 0 else ("ours", "sb3")
+            for impl in order:
+                r = _spawn(impl, env_id, steps, seed, args.eval_episodes)
+                row = {"env": env_id, "steps": steps, "seed": seed, "impl": impl, **r}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                fields = sorted({k for x in rows for k in x}, key=lambda k: (k not in row, k))
+                with open(runs_path, "w", newline="") as f:
+                    csv.DictWriter(f, fields).writeheader()
+                    csv.DictWriter(f, fields).writerows(rows)
+    summary = [_summary(rows, e) for e in args.envs]
+    with open(out / f"bench_summary{args.tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    _plot(summary, out / f"bench_vs_sb3{args.tag}.png")
+    for s in summary:
+        print(
+            f"{s['env']}: wall {s['ours_wall_s']:.1f}s vs {s['sb3_wall_s']:.1f}s "
+            f"(ratio {s['wall_ratio']:.3f}); update {s['ours_update_s'] * 1e3:.1f}ms vs "
+            f"{s['sb3_update_s'] * 1e3:.1f}ms (ratio {s['update_ratio']:.3f}); CPU ratios "
+            f"run {s['cpu_ratio']:.3f}, update {s['update_cpu_ratio']:.3f}; return "
+            f"{s['ours_return_mean']:.1f}±{s['ours_return_sd']:.1f} vs "
+            f"{s['sb3_return_mean']:.1f}±{s['sb3_return_sd']:.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
