@@ -59,8 +59,12 @@ class FisherOperator(ABC):
         if v.shape[0] != self.dim:
             raise ValueError(f"expected leading dimension {self.dim}, got {tuple(v.shape)}")
         if v.ndim == 2:
-            return torch.stack([self._mv(c) for c in v.T], 1)
+            return self._mm(v)
         return self._mv(v)
+
+    def _mm(self, m: Tensor) -> Tensor:
+        """``F M`` for a ``(dim, M)`` matrix; column by column unless a flavour batches it."""
+        return torch.stack([self._mv(c) for c in m.T], 1)
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.mv(v)

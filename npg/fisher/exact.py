@@ -71,3 +71,40 @@ class ExactFisher(FisherOperator):
         u = self._jv(v)  # J v, shape (N, K)
         w = self.family.fisher_out_mv(self.out, u) / self.n  # F_out J v / N
         return self._jtw(w)  # Jᵀ F_out J v / N
+
+    def _mm(self, m: Tensor, chunk: int = 32) -> Tensor:
+        """Columns in chunks of ``chunk`` through vmapped backward passes
+        (``is_grads_batched``); column by column if an op has no batching rule."""
+        if not self._grads:
+            return torch.zeros_like(m)
+        try:
+            return torch.cat([self._mm_batched(c) for c in m.split(chunk, 1)], 1)
+        except RuntimeError:
+            return super()._mm(m)
+
+    def _mm_batched(self, m: Tensor) -> Tensor:
+        k = m.shape[1]
+        chunks = m.T.split(self.fmodel.numels, 1)  # (k, numel) each
+        vs = [chunks[i].reshape(k, *self._grads[j].shape) for j, i in enumerate(self._used)]
+        with torch.enable_grad():
+            (jv,) = torch.autograd.grad(
+                self._grads, self._u, vs, retain_graph=True, is_grads_batched=True
+            )
+            n, width = self.out.shape
+            out = self.out.unsqueeze(0).expand(k, n, width).reshape(k * n, width)
+            w = self.family.fisher_out_mv(out, jv.reshape(k * n, width)) / self.n
+            g = torch.autograd.grad(
+                self._graph_out,
+                self._leaves,
+                w.reshape(k, n, width),
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        cols = [
+            torch.zeros(k, p.numel(), dtype=m.dtype, device=m.device)
+            if t is None
+            else t.reshape(k, -1)
+            for p, t in zip(self._leaves, g, strict=True)
+        ]
+        return torch.cat(cols, 1).T
