@@ -24,7 +24,7 @@ from conftest import (
 from torch import Tensor, nn
 
 from npg import make_fisher
-from npg.families import Family, GaussianRegression
+from npg.families import Categorical, Family, GaussianRegression
 from npg.fisher import KFACFisher
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -297,3 +297,32 @@ def test_kfac_rejects_function_models_and_bad_options() -> None:
         KFACFisher(model, x, family, labels="empirical")
     with pytest.raises(ValueError):
         KFACFisher(model, x, family).inverse_mv(torch.zeros(15), -1.0)
+
+
+def test_kfac_bias_free_layers_and_layers_called_twice() -> None:
+    """A bias-free layer's block is ``G ⊗ A`` without the ones column; a layer called twice in
+    one forward (weight sharing across calls) and one never called get no Kronecker block but
+    the exact diagonal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3))
+    x, family = torch.randn(5, 3), Categorical()
+    op = make_fisher("kfac", model, x, family)
+    assert_close(op.to_dense(), kfac_dense_reference(model, kfac_reference(model, x, family)))
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared, self.head, self.unused = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    model = Twice()
+    op = make_fisher("kfac", model, x, family)
+    assert [m for m, _, _ in op.kronecker_factors()] == [model.head]
+    exact = dense_fisher(model, x, family)
+    dense = op.to_dense()
+    shared = torch.arange(12)  # shared.weight, shared.bias come first
+    assert_close(dense[shared][:, shared], torch.diag(torch.diagonal(exact)[shared]))
+    unused = torch.arange(24, 30)
+    assert bool((dense[unused] == 0).all())

@@ -104,11 +104,14 @@ class KFACFisher(DirectlyInvertible):
         self._inverse_cache: dict[float, list] = {}
 
         offsets = _offsets(self.fmodel)
-        layers = _kfac_layers(model, offsets)
+        candidates = _kfac_layers(model, offsets)
+        out, captured, calls = _forward_with_capture(model, inputs, [m for m, _, _ in candidates])
+        # a layer called more than once per forward (weight sharing across calls) or not at all
+        # gets no Kronecker block: its parameters join the diagonal block
+        layers = [lay for lay in candidates if calls.get(id(lay[0]), 0) == 1]
+        captured = [captured[id(m)] for m, _, _ in layers]
         covered = {p for m, _, _ in layers for p in _param_names(model, m)}
         other = [n for n in self.fmodel.names if n not in covered]
-
-        out, captured = _forward_with_capture(model, inputs, [m for m, _, _ in layers])
         w, norm = self._output_vectors(out.detach(), targets, n_samples, seed)
         grads = _backward_columns(out, [o for _, o in captured], w)
 
@@ -163,6 +166,8 @@ class KFACFisher(DirectlyInvertible):
             raise ValueError(f"damping must be >= 0, got {damping}")
         inverses = self._inverse_cache.get(damping)
         if inverses is None:
+            if len(self._inverse_cache) >= 4:  # adaptive damping: keep the latest few only
+                self._inverse_cache.pop(next(iter(self._inverse_cache)))
             inverses = self._inverse_cache[damping] = [
                 self._block_inverse(b, damping) for b in self.blocks
             ]
@@ -255,11 +260,16 @@ def _kfac_layers(model: nn.Module, offsets: dict[str, slice]):
     return layers
 
 
-def _forward_with_capture(model: nn.Module, inputs, modules: list[nn.Module]):
+def _forward_with_capture(
+    model: nn.Module, inputs, modules: list[nn.Module]
+) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]], dict[int, int]]:
+    """One forward pass; per module id its first ``(input, output)`` and its number of calls."""
     captured: dict[int, tuple[Tensor, Tensor]] = {}
+    calls: dict[int, int] = {}
 
     def hook(module, args, output):
-        captured[id(module)] = (args[0].detach(), output)
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        captured.setdefault(id(module), (args[0].detach(), output))
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
@@ -269,12 +279,9 @@ def _forward_with_capture(model: nn.Module, inputs, modules: list[nn.Module]):
     finally:
         for h in handles:
             h.remove()
-    missing = [m for m in modules if id(m) not in captured]
-    if missing:
-        raise RuntimeError(f"K-FAC: layers not used in the forward pass: {missing}")
     if out.ndim != 2:
         raise ValueError(f"model output must be (N, K), got shape {tuple(out.shape)}")
-    return out, [captured[id(m)] for m in modules]
+    return out, captured, calls
 
 
 def _backward_columns(out: Tensor, layer_outputs: list[Tensor], w: Tensor) -> list[Tensor]:
