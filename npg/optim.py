@@ -149,6 +149,7 @@ class _RunningKFAC:
         self.diag_values: list[Tensor] = []
         self.inverses: list[tuple] | None = None
         self.inverse_damping: float | None = None
+        self.last_quad: Tensor | None = None
 
     def update(self, fisher: KFACFisher, decay: float) -> None:
         """Fold one batch's factors into the averages (the first batch initialises them)."""
@@ -201,16 +202,22 @@ class _RunningKFAC:
         if self.inverses is None:
             raise RuntimeError("K-FAC inverses were never computed")
         out = torch.zeros_like(g)
+        quad = g.new_zeros(())
         for b, inv in zip(self.blocks, self.inverses, strict=True):
             m = b.matrix_view(g)
             if inv[0] == "pi":
-                b.scatter(inv[1] @ m @ inv[2], out)
+                x = inv[1] @ m @ inv[2]
             else:
                 _, qg, qa, denom = inv
-                b.scatter(qg @ ((qg.T @ m @ qa) / denom) @ qa.T, out)
+                x = qg @ ((qg.T @ m @ qa) / denom) @ qa.T
+            quad = quad + ((b.G @ x @ b.A) * x).sum()
+            b.scatter(x, out)
         lam = self.inverse_damping if self.inverse_damping is not None else damping
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):
-            out[s] = g[s] / (d + lam)
+            x = g[s] / (d + lam)
+            quad = quad + (d * x * x).sum()
+            out[s] = x
+        self.last_quad = quad  # xᵀF̂x of the returned x, saves a separate product
         return out
 
     def state(self) -> dict[str, Any]:
@@ -501,7 +508,12 @@ class NGD(Optimizer):
                 d = d if buf is None else group["momentum"] * buf + d
                 st["momentum_buffer"] = d.clone()
             need_curvature = group["max_kl"] is not None or self.adaptive_damping
-            dFd = float(d @ fmv(d)) if need_curvature else math.nan
+            if not need_curvature:
+                dFd = math.nan
+            elif self.fisher == "kfac" and not group["momentum"]:
+                dFd = float(self._kfac.last_quad) / s**2  # d = x / s
+            else:
+                dFd = float(d @ fmv(d))
             alpha = group["lr"]
             kl_scale = None
             if group["max_kl"] is not None and dFd > 0 and math.isfinite(dFd):

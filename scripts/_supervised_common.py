@@ -36,6 +36,11 @@ def write_csv(name: str, rows: Sequence[dict]) -> Path:
     return path
 
 
+def keep_step(k: int, last: int) -> bool:
+    """Thin long curves for CSV output: every step up to 100, then about 90 per decade."""
+    return k <= 100 or k == last or k % (10 ** (len(str(k)) - 2)) == 0
+
+
 def plot_curves(
     name: str,
     curves: dict[str, tuple[Sequence[float], Sequence[float]]],

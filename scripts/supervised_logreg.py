@@ -14,7 +14,14 @@ import time
 import numpy as np
 import scipy.optimize
 import torch
-from _supervised_common import make_closure, plot_curves, print_table, setup, write_csv
+from _supervised_common import (
+    keep_step,
+    make_closure,
+    plot_curves,
+    print_table,
+    setup,
+    write_csv,
+)
 from torch import nn
 
 from npg.optim import NGD
@@ -260,8 +267,11 @@ def main() -> None:
         f"{best_steps / ngd_steps:.0f}x more."
     )
     csv_rows = [dict(optimizer=f"NGD-{f}", **r) for f, rows in full.items() for r in rows]
+    last = len(best_gaps) - 1
     csv_rows += [
-        dict(optimizer=f"GD lr={best_lr}", step=k, time="", gap=g) for k, g in enumerate(best_gaps)
+        dict(optimizer=f"GD lr={best_lr}", step=k, time="", gap=g)
+        for k, g in enumerate(best_gaps)
+        if keep_step(k, last)
     ]
     write_csv("logreg_full_batch.csv", csv_rows)
     curves = {

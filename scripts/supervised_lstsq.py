@@ -16,7 +16,14 @@ import math
 import time
 
 import torch
-from _supervised_common import make_closure, plot_curves, print_table, setup, write_csv
+from _supervised_common import (
+    keep_step,
+    make_closure,
+    plot_curves,
+    print_table,
+    setup,
+    write_csv,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -204,6 +211,7 @@ def main() -> None:
         curves_csv += [
             dict(model=kind, optimizer=f"GD lr={gd_lr}", step=k, time=t, loss=v)
             for k, (v, t) in enumerate(zip(gd_l, gd_t, strict=True))
+            if keep_step(k, len(gd_l) - 1)
         ]
         gap = lambda ls, ref=l_star: [max(v - ref, 1e-16) for v in ls]  # noqa: E731
         ngd_x = list(range(len(ngd_l)))

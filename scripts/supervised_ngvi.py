@@ -15,7 +15,7 @@ import math
 import time
 
 import torch
-from _supervised_common import plot_curves, print_table, setup, write_csv
+from _supervised_common import keep_step, plot_curves, print_table, setup, write_csv
 
 from npg.vi import elbo, elbo_gradients, gradient_ascent_vi, hmc, laplace, ngvi
 
@@ -156,6 +156,7 @@ def main() -> None:
         csv_rows += [
             dict(method=name, iteration=k, rel_err_vs_hmc=e, elbo=v)
             for k, (e, v) in enumerate(zip(errs, res.elbos, strict=True))
+            if keep_step(k, len(errs) - 1)
         ]
     write_csv("ngvi_curves.csv", csv_rows)
     plot_curves(
