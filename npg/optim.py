@@ -529,7 +529,7 @@ class NGD(Optimizer):
                 predicted = float(g @ delta) + 0.5 * s * alpha**2 * dFd
                 info.update(kl=0.5 * alpha**2 * dFd, predicted_change=predicted)
 
-        if self.adaptive_damping and loss is not None:
+        if self.adaptive_damping and loss is not None and predicted != 0:  # 0: no step taken
             new_loss = self._reevaluate(closure, inputs, targets)
             actual = float(new_loss.detach()) - float(loss.detach())
             rho = actual / predicted if predicted < 0 else -math.inf
