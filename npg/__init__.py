@@ -30,6 +30,7 @@ from npg.fisher import (
 )
 from npg.model import FunctionalModel
 from npg.natural import NaturalStep, natural_step
+from npg.optim import NGD, infer_likelihood
 
 FISHER_NAMES = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
 
@@ -109,9 +110,11 @@ __all__ = [
     "KFACFisher",
     "MCFisher",
     "MultiCategorical",
+    "NGD",
     "NaturalStep",
     "conjugate_gradient",
     "get_family",
+    "infer_likelihood",
     "make_fisher",
     "natural_step",
 ]
