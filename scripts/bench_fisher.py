@@ -15,8 +15,9 @@ hits both alike):
 * ``cg10``: setup + a 10-iteration CG solve (``tol=0``, damping 0.1, npg's CG for both),
 * ``kfac``: build + damped solve (factor inverses included), and the solve alone (cached).
 
-Peak memory (``--memory``): each phase runs in a fresh subprocess; after the model, data and one
-warm-up forward/backward the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the
+Peak memory (``--memory``): each phase runs in a fresh subprocess; after the model, data and a
+warm-up of all three code paths on 8 rows (so that first-use costs such as module imports are
+not charged to a phase) the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the
 number is the peak resident set size during the phase minus the resident size before it: the
 extra host memory the phase needed at its peak (retained graphs, temporaries, allocator slack),
 not the bytes of live tensors. On CUDA it reports ``torch.cuda.max_memory_allocated`` deltas.
@@ -250,9 +251,12 @@ def memory_probe(name: str, phase: str, batch: int, device: str) -> float:
     model, x, family = make_case(name, batch, device)
     dim = sum(p.numel() for p in model.parameters())
     g = torch.randn(dim, device=device)
-    out = model(x)  # warm-up: kernels, allocator, autograd engine
-    torch.autograd.grad(out.sum(), list(model.parameters()))
-    del out
+    # warm-up on 8 rows, all three code paths: first-use costs (module imports, kernel and
+    # allocator initialisation) would otherwise be charged to whichever phase runs first
+    small = x[:8]
+    conjugate_gradient(double_backward_hvp(model, small, family), g, damping=DAMPING, max_iter=2)
+    ExactFisher(model, small, family).cg(g, DAMPING, max_iter=2)
+    KFACFisher(model, small, family).inverse_mv(g, DAMPING)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
