@@ -74,8 +74,12 @@ def test_analytic_bandit() -> None:
     assert r == pytest.approx(0.0, abs=1e-12) and term
 
 
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "Acrobot-v1"])
+@pytest.mark.parametrize(
+    "env_id", ["CartPole-v1", "Pendulum-v1", "Acrobot-v1", "MountainCar-v0", "Hopper-v5"]
+)
 def test_env_state_roundtrip_continues_identically(env_id: str) -> None:
+    if env_id == "Hopper-v5":
+        pytest.importorskip("mujoco")
     env = make_env(env_id, seed=1)
     assert supports_state(env)
     env.reset(seed=1)
