@@ -248,3 +248,22 @@ def test_errors() -> None:
     op = make_fisher("exact", model, x, GaussianRegression(1.0))
     with pytest.raises(ValueError):
         op.mv(torch.zeros(op.dim + 1))
+
+
+@pytest.mark.parametrize("flavour", ["exact", "mc", "empirical", "diagonal", "kfac"])
+def test_operator_is_a_snapshot_of_the_parameters(flavour: str) -> None:
+    """Updating the parameters in place after building (a line search does) neither breaks the
+    operator nor changes it: it stays the Fisher at construction time."""
+    model, x, family = make_case("mlp_tanh", "categorical")
+    y = torch_sample(family, model(x), seed=1)
+    op = make_fisher(flavour, model, x, family, targets=y, n_samples=2)
+    before = op.to_dense()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.1)
+    assert_close(op.to_dense(), before)
+    with torch.no_grad():  # back to the construction-time parameters
+        for p in model.parameters():
+            p.sub_(0.1).div_(1.5)
+    if flavour == "exact":
+        assert_close(before, dense_fisher(model, x, family))

@@ -24,7 +24,9 @@ class ExactFisher(FisherOperator):
     def __init__(self, model, inputs, family, params=None, param_dict=None) -> None:
         super().__init__(model, inputs, family, params, param_dict)
         fm = self.fmodel
-        leaves = {n: p.detach().requires_grad_(True) for n, p in fm.params.items()}
+        # a snapshot of the parameters: the operator stays the Fisher at construction time even if
+        # the caller updates the parameters in place (a line search) before its last product
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in fm.params.items()}
         with torch.enable_grad():
             out = fm(leaves, inputs)
             if out.ndim != 2:
