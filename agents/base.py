@@ -629,7 +629,7 @@ class OnPolicyNaturalAlgorithm:
             # Fallback for envs without a state adapter: restart the episodes in flight.
             obs, _ = self.env.reset(seed=self.seed + 7919 * self.num_updates)
             self.collector.load_state_dict(state["rollout"], with_obs=False)
-            self.collector.cur_obs = self.obs_normalizer(obs, update=False)
+            self.collector.cur_obs = self.obs_normalizer(obs.reshape(self.n_envs, -1), update=False)
         self._started = True
 
     def save(self, path: str | Path) -> Path:

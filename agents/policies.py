@@ -193,4 +193,6 @@ class ActorCriticPolicy(nn.Module):
             )
         if isinstance(self.action_space, spaces.MultiBinary):
             return actions.numpy().astype(np.int8)
-        return actions.numpy()
+        a = actions.numpy()
+        start = getattr(self.action_space, "start", 0)  # Discrete(n, start=s) and MultiDiscrete
+        return a + start if np.any(start) else a

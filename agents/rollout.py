@@ -113,6 +113,7 @@ class RolloutCollector:
     # --- setup --------------------------------------------------------------------------------
     def start(self, obs: np.ndarray) -> None:
         """Begin from raw observations ``obs`` (e.g. just after ``env.reset``)."""
+        obs = obs.reshape(self.n_envs, -1)
         self._check(obs, "observation", np.ones(self.n_envs, bool), drop=False)
         self.cur_obs = self.obs_norm(obs, update=True)
 
@@ -166,6 +167,7 @@ class RolloutCollector:
                     f"{type(e).__name__}: {e} (async workers log their traceback above)"
                 ) from e
             self.total_steps += self.n_envs
+            next_obs = next_obs.reshape(self.n_envs, -1)  # a view; flat Box observations
             reward = np.asarray(reward, dtype=np.float64)
             if np.isfinite(reward).all() and np.isfinite(next_obs).all():
                 bad = no_rows
@@ -180,7 +182,7 @@ class RolloutCollector:
                 if trunc_only.any():
                     fmask = infos["_final_obs"]
                     for i in np.flatnonzero(trunc_only & fmask):
-                        fo = np.asarray(infos["final_obs"][i], dtype=np.float64)[None]
+                        fo = np.asarray(infos["final_obs"][i], dtype=np.float64).reshape(1, -1)
                         if not np.isfinite(fo).all():
                             if not drop:
                                 raise self._error("final observation", np.array([i]))
@@ -205,7 +207,7 @@ class RolloutCollector:
                 self.ep_return[bad] = 0.0
                 self.ep_length[bad] = 0
                 obs_r, _ = env.reset(options={"reset_mask": bad})
-                next_obs = np.where(bad[:, None], obs_r, next_obs)
+                next_obs = np.where(bad[:, None], obs_r.reshape(self.n_envs, -1), next_obs)
                 self._check(next_obs, "observation after reset", all_rows, drop=False)
             rew_buf[t] = self.reward_scaler(reward, done | bad)
             term_buf[t] = terminated

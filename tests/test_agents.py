@@ -524,3 +524,29 @@ def test_async_worker_error_surfaces_and_checkpoint_survives(tmp_path: Path) -> 
     state, path = ckpts.load_latest(fallback=False)
     assert state["num_updates"] == 2 and path.name == "ckpt_00000002.pt"
     assert state["env_states"] is None  # async envs: a resume restarts the episodes
+
+
+class OffsetImageEnv(gym.Env):
+    """2-D Box observations and a ``Discrete(3, start=-1)`` action; reward for action +1."""
+
+    observation_space = spaces.Box(-1, 1, (2, 3), np.float32)
+    action_space = spaces.Discrete(3, start=-1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros((2, 3), np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        return np.ones((2, 3), np.float32), float(action == 1), True, False, {}
+
+
+if "test/OffsetImage-v0" not in gym.registry:
+    gym.register("test/OffsetImage-v0", entry_point=OffsetImageEnv)
+
+
+def test_multidim_box_obs_and_discrete_start() -> None:
+    agent = TRPO("MlpPolicy", "test/OffsetImage-v0", max_kl=0.05, **SMALL)
+    agent.learn(20 * 128)
+    action, _ = agent.predict(np.zeros((2, 3), np.float32))
+    assert int(action) == 1
