@@ -161,9 +161,7 @@ class DataParallelFisher(FisherOperator):
             for i, b in enumerate(op.blocks):
                 b.A, b.G = out[2 * i], out[2 * i + 1]
             op.diag_values = tuple(out[2 * len(op.blocks) :])
-        for b in op.blocks:
-            b._eig = None  # eigenbasis of the local factors: stale
-        op._inverse_cache.clear()
+        op._inverse_cache.clear()  # inverses of the local factors (eigenbases refresh themselves)
 
     # --- products --------------------------------------------------------------------------------
     def _mv(self, v: Tensor) -> Tensor:

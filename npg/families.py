@@ -180,7 +180,8 @@ class GaussianRegression(Family):
     """Gaussian with the mean from the model and a fixed standard deviation ``sigma``.
 
     With ``sigma = 1/√2`` the negative log-likelihood is the squared error up to a constant, and
-    the Fisher equals the Gauss-Newton matrix of the summed squared error.
+    the (batch-mean) Fisher equals the Gauss-Newton matrix of the summed squared error divided by
+    ``N``, i.e. that of the squared error summed over outputs and averaged over the batch.
     """
 
     name = "gaussian"

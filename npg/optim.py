@@ -164,7 +164,6 @@ class _RunningKFAC:
         for mine, new in zip(self.blocks, fisher.blocks, strict=True):
             mine.A = decay * mine.A + (1 - decay) * new.A
             mine.G = decay * mine.G + (1 - decay) * new.G
-            mine._eig = None
         self.diag_values = [
             decay * d + (1 - decay) * n
             for d, n in zip(self.diag_values, fisher.diag_values, strict=True)
@@ -172,27 +171,14 @@ class _RunningKFAC:
 
     def refresh_inverses(self, damping: float) -> None:
         """Recompute the damped inverses of the current averages."""
-        self.inverses = [self._block_inverse(b, damping) for b in self.blocks]
+        self.inverses = [b.damped_inverse(damping, self.inverse) for b in self.blocks]
         self.inverse_damping = damping
-
-    def _block_inverse(self, b: KroneckerBlock, damping: float) -> tuple[str, Tensor, ...]:
-        if self.inverse == "eigen":
-            b._eig = None
-            la, qa, lg, qg = b.eig()
-            return ("eigen", qg, qa, torch.outer(lg, la) + damping)
-        da, dg = b.A.shape[0], b.G.shape[0]
-        ta, tg = float(torch.trace(b.A)) / da, float(torch.trace(b.G)) / dg
-        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
-        gamma = math.sqrt(damping)
-        a_inv = torch.linalg.inv(b.A + pi * gamma * torch.eye(da, dtype=b.A.dtype))
-        g_inv = torch.linalg.inv(b.G + gamma / pi * torch.eye(dg, dtype=b.G.dtype))
-        return ("pi", g_inv, a_inv)
 
     def mv(self, v: Tensor) -> Tensor:
         """``F̂ v`` with the averaged factors."""
         out = torch.zeros_like(v)
         for b in self.blocks:
-            b.scatter(b.G @ b.matrix_view(v) @ b.A, out)
+            b.scatter(b.mv(b.matrix_view(v)), out)
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):
             out[s] = d * v[s]
         return out
@@ -204,13 +190,8 @@ class _RunningKFAC:
         out = torch.zeros_like(g)
         quad = g.new_zeros(())
         for b, inv in zip(self.blocks, self.inverses, strict=True):
-            m = b.matrix_view(g)
-            if inv[0] == "pi":
-                x = inv[1] @ m @ inv[2]
-            else:
-                _, qg, qa, denom = inv
-                x = qg @ ((qg.T @ m @ qa) / denom) @ qa.T
-            quad = quad + ((b.G @ x @ b.A) * x).sum()
+            x = b.apply_inverse(inv, b.matrix_view(g))
+            quad = quad + (b.mv(x) * x).sum()
             b.scatter(x, out)
         lam = self.inverse_damping if self.inverse_damping is not None else damping
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):

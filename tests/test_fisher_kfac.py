@@ -326,3 +326,24 @@ def test_kfac_bias_free_layers_and_layers_called_twice() -> None:
     assert_close(dense[shared][:, shared], torch.diag(torch.diagonal(exact)[shared]))
     unused = torch.arange(24, 30)
     assert bool((dense[unused] == 0).all())
+
+
+def test_kronecker_eigenbasis_follows_factor_updates() -> None:
+    """The cached eigendecomposition is refreshed when a factor is replaced or edited in place
+    (running averages and all-reduces do both)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    block = make_fisher("kfac", net, x, Categorical()).blocks[0]
+
+    def eig_matches() -> bool:
+        la, qa, lg, qg = block.eig()
+        return torch.allclose(qa @ torch.diag(la) @ qa.T, block.A, atol=1e-10) and torch.allclose(
+            qg @ torch.diag(lg) @ qg.T, block.G, atol=1e-10
+        )
+
+    assert eig_matches()
+    block.A = 0.5 * block.A + torch.eye(block.A.shape[0], dtype=torch.float64)  # replaced
+    assert eig_matches()
+    block.G.mul_(3.0).add_(torch.eye(block.G.shape[0], dtype=torch.float64))  # in place
+    assert eig_matches()

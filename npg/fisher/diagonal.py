@@ -62,6 +62,8 @@ class DiagonalFisher(DirectlyInvertible):
         return self.diag.clone()
 
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        if not bool(torch.isfinite(self.diag).all()):
+            raise ValueError("diagonal Fisher has NaN/inf entries (non-finite model output?)")
         denom = self.diag + damping
         if not bool((denom > 0).all()):
             raise ValueError("diagonal Fisher has zero entries; pass damping > 0 to invert it")

@@ -42,6 +42,7 @@ class KroneckerBlock:
     G: Tensor
     ekfac_scale: Tensor | None = None  # (dG, dA) eigenvalues in the Kronecker eigenbasis
     _eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    _eig_source: tuple | None = field(default=None, repr=False)
 
     def matrix_view(self, v: Tensor) -> Tensor:
         """The ``(dG, dA)`` matrix ``[V_W | V_b]`` of a flat vector's slice of this layer."""
@@ -57,11 +58,78 @@ class KroneckerBlock:
             out[self.bias] = m[:, n_in]
 
     def eig(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self._eig is None:
+        """``(λ_A, Q_A, λ_G, Q_G)``, recomputed whenever ``A`` or ``G`` changed (replaced or
+        modified in place) since the last call."""
+        src = self._eig_source
+        fresh = (
+            src is not None
+            and src[0] is self.A
+            and src[1] == self.A._version
+            and src[2] is self.G
+            and src[3] == self.G._version
+        )
+        if self._eig is None or not fresh:
             la, qa = torch.linalg.eigh(self.A)
             lg, qg = torch.linalg.eigh(self.G)
             self._eig = (la.clamp_min(0), qa, lg.clamp_min(0), qg)
+            # keep the factors themselves (not their ids, which can be reused once freed)
+            self._eig_source = (self.A, self.A._version, self.G, self.G._version)
         return self._eig
+
+    def mv(self, m: Tensor) -> Tensor:
+        """The block applied to a ``(dG, dA)`` matrix view: ``G M A`` (EKFAC: rescaled in the
+        Kronecker eigenbasis)."""
+        if self.ekfac_scale is None:
+            return self.G @ m @ self.A
+        _, qa, _, qg = self.eig()
+        return qg @ ((qg.T @ m @ qa) * self.ekfac_scale) @ qa.T
+
+    def damped_inverse(self, damping: float, method: str) -> tuple:
+        """A reusable representation of ``(block + λI)⁻¹`` for :meth:`apply_inverse`.
+
+        ``"pi"``: ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and
+        ``π = sqrt((tr A / d_A) / (tr G / d_G))`` (Martens & Grosse 2015, §6.3).
+        ``"eigen"``: the exact damped inverse in the Kronecker eigenbasis (EKFAC's own
+        eigenvalues when present); an eigendecomposition failure falls back to ``"pi"``.
+        """
+        if method == "eigen":
+            try:
+                la, qa, lg, qg = self.eig()
+            except torch.linalg.LinAlgError:
+                warnings.warn(
+                    f"K-FAC: eigendecomposition failed for {self.module}; using the π-damped "
+                    "inverse instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return self.damped_inverse(max(damping, 1e-8), "pi")
+            scale = self.ekfac_scale if self.ekfac_scale is not None else torch.outer(lg, la)
+            denom = scale + damping
+            if not bool((denom > 0).all()):
+                raise ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
+            return ("eigen", qg, qa, denom)
+        da, dg = self.A.shape[0], self.G.shape[0]
+        ta, tg = float(torch.trace(self.A)) / da, float(torch.trace(self.G)) / dg
+        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        gamma = math.sqrt(damping)
+        eye_a = torch.eye(da, dtype=self.A.dtype, device=self.A.device)
+        eye_g = torch.eye(dg, dtype=self.G.dtype, device=self.G.device)
+        try:
+            a_inv = torch.linalg.inv(self.A + pi * gamma * eye_a)
+            g_inv = torch.linalg.inv(self.G + gamma / pi * eye_g)
+        except torch.linalg.LinAlgError:
+            msg = "K-FAC factors are singular; pass damping > 0 to invert them"
+            raise ValueError(msg) from None
+        return ("pi", g_inv, a_inv)
+
+    @staticmethod
+    def apply_inverse(inverse: tuple, m: Tensor) -> Tensor:
+        """Apply a :meth:`damped_inverse` to a ``(dG, dA)`` matrix view."""
+        if inverse[0] == "pi":
+            _, g_inv, a_inv = inverse
+            return g_inv @ m @ a_inv
+        _, qg, qa, denom = inverse
+        return qg @ ((qg.T @ m @ qa) / denom) @ qa.T
 
 
 class KFACFisher(DirectlyInvertible):
@@ -150,12 +218,7 @@ class KFACFisher(DirectlyInvertible):
     def _mv(self, v: Tensor) -> Tensor:
         out = torch.zeros_like(v)
         for b in self.blocks:
-            m = b.matrix_view(v)
-            if b.ekfac_scale is None:
-                b.scatter(b.G @ m @ b.A, out)
-            else:
-                _, qa, _, qg = b.eig()
-                b.scatter(qg @ ((qg.T @ m @ qa) * b.ekfac_scale) @ qa.T, out)
+            b.scatter(b.mv(b.matrix_view(v)), out)
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):
             out[s] = d * v[s]
         return out
@@ -169,59 +232,17 @@ class KFACFisher(DirectlyInvertible):
             if len(self._inverse_cache) >= 4:  # adaptive damping: keep the latest few only
                 self._inverse_cache.pop(next(iter(self._inverse_cache)))
             inverses = self._inverse_cache[damping] = [
-                self._block_inverse(b, damping) for b in self.blocks
+                b.damped_inverse(damping, self.inverse) for b in self.blocks
             ]
         out = torch.zeros_like(g)
         for b, inv in zip(self.blocks, inverses, strict=True):
-            m = b.matrix_view(g)
-            if inv[0] == "pi":
-                _, g_inv, a_inv = inv
-                b.scatter(g_inv @ m @ a_inv, out)
-            else:
-                _, qg, qa, denom = inv
-                b.scatter(qg @ ((qg.T @ m @ qa) / denom) @ qa.T, out)
+            b.scatter(b.apply_inverse(inv, b.matrix_view(g)), out)
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):
             denom = d + damping
             if not bool((denom > 0).all()):
                 raise ValueError("K-FAC diagonal block is singular; pass damping > 0")
             out[s] = g[s] / denom
         return out
-
-    def _block_inverse(self, b: KroneckerBlock, damping: float) -> tuple:
-        if self.inverse == "eigen":
-            try:
-                la, qa, lg, qg = b.eig()
-            except torch.linalg.LinAlgError:
-                warnings.warn(
-                    f"K-FAC: eigendecomposition failed for {b.module}; using the π-damped "
-                    "inverse instead",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                return self._pi_inverse(b, max(damping, 1e-8))
-            scale = b.ekfac_scale if b.ekfac_scale is not None else torch.outer(lg, la)
-            denom = scale + damping
-            if not bool((denom > 0).all()):
-                raise ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
-            return ("eigen", qg, qa, denom)
-        return self._pi_inverse(b, damping)
-
-    @staticmethod
-    def _pi_inverse(b: KroneckerBlock, damping: float) -> tuple:
-        da, dg = b.A.shape[0], b.G.shape[0]
-        ta, tg = float(torch.trace(b.A)) / da, float(torch.trace(b.G)) / dg
-        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
-        gamma = math.sqrt(damping)
-        eye_a = torch.eye(da, dtype=b.A.dtype, device=b.A.device)
-        eye_g = torch.eye(dg, dtype=b.G.dtype, device=b.G.device)
-        try:
-            a_inv = torch.linalg.inv(b.A + pi * gamma * eye_a)
-            g_inv = torch.linalg.inv(b.G + gamma / pi * eye_g)
-        except torch.linalg.LinAlgError:
-            raise ValueError(
-                "K-FAC factors are singular; pass damping > 0 to invert them"
-            ) from None
-        return ("pi", g_inv, a_inv)
 
     def kronecker_factors(self) -> list[tuple[nn.Module, Tensor, Tensor]]:
         """``(module, A, G)`` for every Kronecker block."""
