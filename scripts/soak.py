@@ -115,6 +115,32 @@ def check_run(run_dir: Path, total: int) -> dict[str, Any]:
     return {"ok": not problems, "problems": problems, "updates": k, "final_steps": steps[-1:]}
 
 
+TIMING = {"steps_per_s", "fps", "time_rollout", "time_fisher_cg", "time_line_search"}
+TIMING |= {"time_critic", "time_total"}
+
+
+def compare_with_reference(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """Train the same config uninterrupted into ``RUN_DIR_ref`` and compare every per-update
+    metric except wall-clock ones (bit-identical expected with the sync vector env on CPU)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    ref = run_dir.with_name(run_dir.name + "_ref")
+    if ref.exists():
+        shutil.rmtree(ref)
+    ref.mkdir(parents=True)
+    proc = _launch(args, ref, int(config["total_timesteps"]), resume=False)
+    code = proc.wait()
+    if code != 0:
+        return {"identical": False, "problem": f"reference run exited with {code}"}
+    a, b = _read_metrics(run_dir), _read_metrics(ref)
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in a]
+    strip_ref = [{k: v for k, v in r.items() if k not in TIMING} for r in b]
+    first = next(
+        (i for i, (x, y) in enumerate(zip(strip, strip_ref, strict=False)) if x != y), None
+    )
+    same = len(strip) == len(strip_ref) and first is None
+    return {"identical": same, "rows": len(strip), "rows_ref": len(strip_ref), "first_diff": first}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; exit code 0 iff the final run is continuous and complete."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -132,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-timeout", type=float, default=120.0, help="s to wait after a kill")
     p.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=list(SIGNALS))
     p.add_argument("--rng-seed", type=int, default=0, help="seed of the kill schedule")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also train uninterrupted into RUN_DIR_ref and compare the metrics bit for bit",
+    )
+    p.add_argument("--check-only", action="store_true", help="only (re)check an existing run")
     p.add_argument("train_args", nargs="*", help="extra train.py flags (after --)")
     args = p.parse_args(argv)
     # Children inherit an *ignored* SIGINT (e.g. when this script runs as a background job of a
@@ -139,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run_dir = Path(args.run_dir)
+    if args.check_only:
+        config = json.loads((run_dir / "config.json").read_text())
+        for key in ("env", "algo", "seed", "checkpoint_every"):
+            setattr(args, key, config[key])
+        result = json.loads((run_dir / "soak.json").read_text())
+        result["check"] = check_run(run_dir, int(config["total_timesteps"]))
+        if args.reference:
+            result["reference"] = compare_with_reference(args, run_dir)
+        (run_dir / "soak.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: result[k] for k in ("check", "reference") if k in result}, indent=2))
+        ok = result["check"]["ok"] and result.get("reference", {}).get("identical", True)
+        return 0 if ok else 1
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["check"] = {"ok": False, "problems": ["the run did not finish"]}
         result["kills_survived"] = 0
+    if args.reference and finished:
+        result["reference"] = compare_with_reference(args, run_dir)
+        result["check"]["ok"] = result["check"]["ok"] and result["reference"]["identical"]
     result["kill_log"] = kills
     (run_dir / "soak.json").write_text(json.dumps(result, indent=2))
     summary = {k: v for k, v in result.items() if k != "kill_log"}
