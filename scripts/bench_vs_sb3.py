@@ -4,7 +4,12 @@ Both sides get the same task preset (:mod:`agents.presets`): ``n_envs``, ``n_ste
 (64, 64) tanh MLPs with orthogonal init, CG iterations and damping, line-search shrink and
 iterations, critic epochs / minibatch / Adam lr (and Adam ``eps=1e-8`` on both), ``max_kl`` as
 sb3's ``target_kl``, and the same observation/reward normalization (sb3: ``VecNormalize``, ours:
-the built-in running normalizers). Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
+the built-in running normalizers). KL radius: sb3-contrib's TRPO averages the per-dimension
+Gaussian KL over the action dimensions (``kl_divergence(...).mean()`` on an ``(N, d)`` tensor),
+so for a ``Box`` action space of dimension ``d`` its ``target_kl`` bounds KL/d, and its
+Fisher-vector product is F/d; ours bounds the KL itself. ``--kl-match nominal`` passes the same
+number to both; ``--kl-match sum`` gives ours ``max_kl = d × target_kl``, i.e. the same trust
+region (identical for discrete actions). Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
 ``SyncVectorEnv`` (both in-process, one env after the other).
 
 Every run is a fresh subprocess (``torch.set_num_threads(1)``); sb3 and ours alternate (the order
@@ -161,7 +166,19 @@ def run_sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]
     }
 
 
-def run_ours(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]:
+def _action_dim(env_id: str) -> int:
+    """``d`` of a ``Box`` action space, 1 for anything else."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    space = env.action_space
+    env.close()
+    return int(np.prod(space.shape)) if isinstance(space, gym.spaces.Box) else 1
+
+
+def run_ours(
+    env_id: str, steps: int, seed: int, episodes: int, kl_match: str = "nominal"
+) -> dict[str, Any]:
     """Our TRPO (exact Fisher) on a Gymnasium ``SyncVectorEnv``."""
     import torch
 
@@ -169,6 +186,8 @@ def run_ours(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any
 
     torch.set_num_threads(1)
     hp = _hyperparameters(env_id)
+    if kl_match == "sum":
+        hp["max_kl"] = hp["max_kl"] * _action_dim(env_id)
     train_cpu: list[float] = []
 
     class TimedTRPO(TRPO):
@@ -202,20 +221,25 @@ def run_ours(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any
         "update_cpu_s_median": statistics.median(train_cpu),
         "update_s_total": sum(update),
         "eval_return": float(np.mean(returns)),
+        "max_kl": hp["max_kl"],
         **split,
     }
 
 
 def _worker(args: argparse.Namespace) -> None:
-    fn = run_sb3 if args.worker == "sb3" else run_ours
-    out = fn(args.env, args.steps[0], args.seed, args.eval_episodes)
+    if args.worker == "sb3":
+        out = run_sb3(args.env, args.steps[0], args.seed, args.eval_episodes)
+    else:
+        out = run_ours(args.env, args.steps[0], args.seed, args.eval_episodes, args.kl_match)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _spawn(impl: str, env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]:
+def _spawn(
+    impl: str, env_id: str, steps: int, seed: int, episodes: int, kl_match: str
+) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker", impl, "--env", env_id, "--steps", str(steps),
-        "--seed", str(seed), "--eval-episodes", str(episodes),
+        "--seed", str(seed), "--eval-episodes", str(episodes), "--kl-match", kl_match,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -253,6 +277,92 @@ def _summary(rows: list[dict[str, Any]], env_id: str) -> dict[str, Any]:
         "ours_return_mean": ours_ret[0],
         "ours_return_sd": ours_ret[1],
     }
+
+
+def breakdown(env_id: str, updates: int = 6) -> dict[str, float]:
+    """Process-CPU milliseconds per update / per vector step, sb3 and ours alternating in one
+    process on equal rollouts: ours split by phase (GAE, surrogate + gradient, Fisher + CG,
+    line search + rest of the policy step, critic), sb3's ``train()`` whole, the rollout cost per
+    vector step of both, and the bare env step (``gym.make`` envs, random actions) as a floor."""
+    import collections
+
+    import gymnasium as gym
+    import torch
+    from sb3_contrib import TRPO as SB3TRPO
+    from stable_baselines3.common.callbacks import CallbackList
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    import agents.base as base
+    from agents import TRPO
+
+    torch.set_num_threads(1)
+    hp = _hyperparameters(env_id)
+    acc: dict[str, float] = collections.defaultdict(float)
+
+    def timed(obj: Any, name: str, key: str) -> None:
+        f = getattr(obj, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            c = time.process_time()
+            out = f(*a, **k)
+            acc[key] += time.process_time() - c
+            return out
+
+        setattr(obj, name, wrapper)
+
+    ours = TRPO("MlpPolicy", env_id, seed=0, num_threads=1, **hp)
+    ours._start()
+    for name, key in [
+        ("_surrogate_and_grad", "ours surrogate+grad"),
+        ("_natural_step", "ours Fisher build + CG"),
+        ("_policy_update", "ours policy step (all)"),
+        ("_critic_update", "ours critic"),
+    ]:
+        timed(ours, name, key)
+    timed(base, "compute_gae_t", "ours GAE")
+    venv = make_vec_env(env_id, n_envs=hp["n_envs"], seed=0)
+    if hp["normalize_obs"] or hp["normalize_reward"]:
+        venv = VecNormalize(venv, hp["normalize_obs"], hp["normalize_reward"], gamma=hp["gamma"])
+    sb3 = SB3TRPO(
+        "MlpPolicy", venv, learning_rate=hp["vf_lr"], n_steps=hp["n_steps"],
+        batch_size=hp["vf_minibatch"], gamma=hp["gamma"], cg_max_steps=hp["cg_iters"],
+        cg_damping=hp["cg_damping"], n_critic_updates=hp["vf_epochs"], gae_lambda=hp["gae_lambda"],
+        target_kl=hp["max_kl"], seed=0, device="cpu",
+        policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-8)),
+    )  # fmt: skip
+    sb3._setup_learn(10**9, None)
+    cb = CallbackList([])
+    cb.init_callback(sb3)
+    n = hp["n_steps"]
+    for _ in range(updates):
+        c = time.process_time()
+        batch = ours.collector.collect()
+        acc["ours rollout / vec step"] += (time.process_time() - c) / n
+        c = time.process_time()
+        ours.train_on_batch(batch)
+        acc["ours update (train_on_batch)"] += time.process_time() - c
+        c = time.process_time()
+        sb3.collect_rollouts(sb3.env, cb, sb3.rollout_buffer, n_rollout_steps=n)
+        acc["sb3 rollout / vec step"] += (time.process_time() - c) / n
+        c = time.process_time()
+        sb3.train()
+        acc["sb3 update (train)"] += time.process_time() - c
+    acc["ours line search + rest of policy step"] = (
+        acc["ours policy step (all)"] - acc["ours surrogate+grad"] - acc["ours Fisher build + CG"]
+    )
+    envs = [gym.make(env_id) for _ in range(hp["n_envs"])]
+    for i, e in enumerate(envs):
+        e.reset(seed=i)
+        e.action_space.seed(i)
+    c = time.process_time()
+    for _ in range(updates * n):
+        for e in envs:
+            _, _, term, trunc, _ = e.step(e.action_space.sample())
+            if term or trunc:
+                e.reset()
+    acc["bare env step / vec step"] = (time.process_time() - c) / n
+    return {k: 1e3 * v / updates for k, v in sorted(acc.items())}
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]]:
@@ -314,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="docs/bench", help="folder for bench_runs.csv / summary")
     p.add_argument("--tag", default="", help="suffix of the CSV names")
+    p.add_argument("--breakdown", action="store_true", help="only the CPU-time split per phase")
+    p.add_argument("--kl-match", choices=["nominal", "sum"], default="nominal")
+    p.add_argument("--impls", nargs="+", default=["sb3", "ours"], choices=["sb3", "ours"])
     p.add_argument("--from-csv", default=None, help="only summarize/plot this bench_runs CSV")
     p.add_argument("--worker", choices=["sb3", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--env", help=argparse.SUPPRESS)
@@ -321,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)
+        return 0
+    if args.breakdown:
+        for env_id in args.envs:
+            for k, v in breakdown(env_id).items():
+                print(f"{env_id:12s} {k:40s} {v:9.3f} ms", flush=True)
         return 0
     if not args.from_csv and len(args.steps) != len(args.envs):
         p.error("--steps needs one value per --envs entry")
@@ -336,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, seed in enumerate(args.seeds):
             order = ("sb3", "ours") if i % 2 == 0 else ("ours", "sb3")
             for impl in order:
-                r = _spawn(impl, env_id, steps, seed, args.eval_episodes)
+                if impl not in args.impls:
+                    continue
+                r = _spawn(impl, env_id, steps, seed, args.eval_episodes, args.kl_match)
                 row = {"env": env_id, "steps": steps, "seed": seed, "impl": impl, **r}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -344,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(runs_path, "w", newline="") as f:
                     csv.DictWriter(f, fields).writeheader()
                     csv.DictWriter(f, fields).writerows(rows)
+    if {r["impl"] for r in rows} != {"sb3", "ours"}:
+        return 0  # one side only: no ratios (merge the CSVs and use --from-csv)
     summary = [_summary(rows, e) for e in args.envs]
     with open(out / f"bench_summary{args.tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(summary[0]))
