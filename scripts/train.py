@@ -81,6 +81,15 @@ def build_parser(algo: str) -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--wandb-project", default="npg")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--verbose", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="rollout workers as Ray actors (0: in-process); --n-envs is then per worker",
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: a local instance)"
+    )
     names = _hyperparameter_flags(parser, ALGORITHMS[algo])
     return parser, names
 
@@ -110,6 +119,8 @@ def resolve_config(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
         "threads": args.threads,
         "checkpoint_every": args.checkpoint_every,
         "keep_last": args.keep_last,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
         "command": " ".join(sys.argv),
     }
 
@@ -233,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, names = build_parser(known.algo)
     args = parser.parse_args(argv)
 
+    if args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: accepted 0 (in-process) or a positive count")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -266,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         config["resolved"] = agent.config
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         ckpts = CheckpointManager(run_dir / "checkpoints", config["keep_last"])
+    if args.resume and (args.workers or args.ray_address):  # explicit flags win on resume
+        config["workers"], config["ray_address"] = args.workers, args.ray_address
+    if config.get("workers"):
+        from agents.ray_rollout import attach_ray_workers
+
+        attach_ray_workers(agent, config["workers"], config.get("ray_address"))
     total = int(config["total_timesteps"])
     logger = MetricsLogger(run_dir, total, agent.num_timesteps, args)
     try:
