@@ -365,6 +365,58 @@ def breakdown(env_id: str, updates: int = 6) -> dict[str, float]:
     return {k: 1e3 * v / updates for k, v in sorted(acc.items())}
 
 
+def kl_scale_check(env_id: str, n: int = 256) -> dict[str, float]:
+    """Our exact Fisher-vector product vs sb3-contrib's KL-Hessian-vector product with the same
+    actor weights on the same ``n`` observations: ``{"norm_ratio": ‖Fv‖/‖Hv‖, "rel_diff_d":
+    ‖Fv - d·Hv‖/‖d·Hv‖, "d": d}`` (``d`` = action dimension for ``Box``, else 1)."""
+    import copy
+
+    import torch
+    from sb3_contrib import TRPO as SB3TRPO
+    from stable_baselines3.common.distributions import kl_divergence
+
+    from agents import TRPO
+    from npg import make_fisher
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ours = TRPO("MlpPolicy", env_id, n_envs=1, n_steps=64, vf_minibatch=64, seed=0)
+    sb3 = SB3TRPO("MlpPolicy", env_id, n_steps=64, batch_size=64, device="cpu", seed=0)
+    actor, sp = ours.policy.actor, sb3.policy
+    with torch.no_grad():
+        for p in actor.parameters():  # move away from the init, then copy into sb3
+            p.add_(0.3 * torch.randn_like(p))
+        m = dict(actor.named_parameters())
+        pairs = [
+            (sp.mlp_extractor.policy_net[0], "net.0"),
+            (sp.mlp_extractor.policy_net[2], "net.2"),
+            (sp.action_net, "net.4"),
+        ]
+        for layer, name in pairs:
+            layer.weight.copy_(m[f"{name}.weight"])
+            layer.bias.copy_(m[f"{name}.bias"])
+        if "log_std" in m:
+            sp.log_std.copy_(m["log_std"])
+    obs = torch.randn(n, ours.policy.obs_dim)
+    with torch.no_grad():
+        old = copy.copy(sp.get_distribution(obs))
+    kl = kl_divergence(sp.get_distribution(obs), old).mean()
+    params = [p for name, p in sp.named_parameters() if "value" not in name]
+    grads = torch.autograd.grad(kl, params, create_graph=True, allow_unused=True)
+    used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+    gkl = torch.cat([g.reshape(-1) for _, g in used])  # same order as ours: log_std, W1, b1, ...
+    v = torch.randn(gkl.numel())
+    hv = torch.cat([h.reshape(-1) for h in torch.autograd.grad(gkl @ v, [p for p, _ in used])])
+    fv = make_fisher("exact", actor, obs, ours.family).mv(v)
+    d = _action_dim(env_id)
+    ours.close()
+    return {
+        "d": float(d),
+        "norm_ratio": float(fv.norm() / hv.norm()),
+        "rel_diff_d": float((fv - d * hv).norm() / (d * hv).norm()),
+    }
+
+
 def _load_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``bench_runs*.csv`` with numbers parsed."""
     rows = []
@@ -424,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="docs/bench", help="folder for bench_runs.csv / summary")
     p.add_argument("--tag", default="", help="suffix of the CSV names")
+    p.add_argument("--check-kl", action="store_true", help="only compare Fv with sb3's Hv")
     p.add_argument("--breakdown", action="store_true", help="only the CPU-time split per phase")
     p.add_argument("--kl-match", choices=["nominal", "sum"], default="nominal")
     p.add_argument("--impls", nargs="+", default=["sb3", "ours"], choices=["sb3", "ours"])
@@ -434,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)
+        return 0
+    if args.check_kl:
+        for env_id in args.envs:
+            print(env_id, json.dumps(kl_scale_check(env_id)), flush=True)
         return 0
     if args.breakdown:
         for env_id in args.envs:
