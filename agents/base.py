@@ -348,7 +348,7 @@ class OnPolicyNaturalAlgorithm:
                 if batch is None:
                     self._stop_on_signal(checkpoints)
                 t_rollout = time.perf_counter() - t0
-                self.num_timesteps += self.n_steps * self.n_envs
+                self.num_timesteps += batch.rewards.numel()  # fewer if a Ray worker was lost
                 metrics = self.train_on_batch(batch)
                 self.num_updates += 1
                 t_total = time.perf_counter() - t0

@@ -169,9 +169,10 @@ def test_training_survives_a_worker_killed_between_updates(local_ray) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", WorkerLostWarning)
             agent.learn(4 * 256, callback=cb)
-        assert seen == [1, 2, 3, 4]
+        # the lost half-batch is not counted as collected, so one more update makes up for it
+        assert seen == [1, 2, 3, 4, 5]
         assert torch.isfinite(_actor_params(agent)).all()
-        assert col.total_steps >= 3 * 256  # at most one partial batch lost
+        assert agent.num_timesteps == col.total_steps == 4 * 256 + 128
     finally:
         agent.close()
 
