@@ -280,9 +280,9 @@ def summaries(
         md.append(
             "| variant | final det. return | final train return | steps for the seed-mean "
             "curve to reach it (seeds reaching) | × TRPO-exact | cos(step, exact) | "
-            "realized KL/δ | policy step s | update s | run wall s |"
+            "realized KL/δ | policy step s | critic s | rollout s (load) | run wall s |"
         )
-        md.append("|---|---|---|---|---|---|---|---|---|---|")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for v in variants:
             seeds = cur.get((task, v))
             if not seeds:
@@ -311,6 +311,8 @@ def summaries(
                 policy_step_s=float(
                     np.nanmean([num(u["time_fisher_cg"]) + num(u["time_line_search"]) for u in ups])
                 ),
+                critic_s=float(np.nanmean([num(u["time_critic"]) for u in ups])),
+                rollout_s=float(np.nanmean([num(u["time_rollout"]) for u in ups])),
                 update_s=float(
                     np.nanmean([num(u["time_total"]) - num(u["time_diag"]) for u in ups])
                 ),
@@ -326,7 +328,8 @@ def summaries(
                 f"| {row['final_train_return_mean']:.1f} ± {row['final_train_return_std']:.1f} "
                 f"| {reach} | {ratio:.2f} | {row['cos_step_exact_mean']:.3f} "
                 f"| {row['kl_ratio_mean']:.2f} (max {row['kl_ratio_max']:.1f}) "
-                f"| {row['policy_step_s']:.3f} | {row['update_s']:.2f} | {row['run_wall_s']:.0f} |"
+                f"| {row['policy_step_s']:.3f} | {row['critic_s']:.3f} | {row['rollout_s']:.2f} "
+                f"| {row['run_wall_s']:.0f} |"
             )
     write_csv(out / "summary_variants.csv", vrows)
     # per task × damping × flavour, on the same batches
