@@ -383,9 +383,44 @@ def summaries(
                 f"| {row['actual_over_predicted_median']:.2f} | {row['time_solve_s']:.3f} |"
             )
     write_csv(out / "summary_flavours.csv", frows)
+    md += kfac_nac_table(rows, tasks)
     text = "\n".join(md) + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+def kfac_nac_table(rows: list[dict[str, str]], tasks: list[str]) -> list[str]:
+    """K-FAC NAC's KL bookkeeping: how often the clip was active, the K-FAC-predicted KL
+    ½sᵀF̂s, the exact quadratic ½sᵀFs and the realized KL of its steps."""
+    by: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        if r["record"] == "update" and r["algo"] == "kfac-nac":
+            by[(r["task"], r["variant"])].append(r)
+    md = [
+        "\n#### K-FAC NAC: predicted vs realized KL of its steps (all updates, 3 seeds)\n",
+        "| task | variant | δ | updates clipped | realized KL | K-FAC ½sᵀF̂s | exact ½sᵀFs "
+        "| median realized / K-FAC-predicted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, v), us in sorted(by.items(), key=lambda kv: (tasks.index(kv[0][0]), kv[0][1])):
+        lr = float(cell_lr(task, v))
+        clipped = sum(num(u["step_scale"]) < lr * (1 - 1e-9) for u in us)
+        kl = [num(u["kl"]) for u in us]
+        pk = [num(u["predicted_kl"]) for u in us]
+        qe = [num(u["quad_exact"]) for u in us]
+        ratio = float(np.median([a / b for a, b in zip(kl, pk, strict=True) if b > 0]))
+        md.append(
+            f"| {task} | {v} | {num(us[0]['max_kl']):g} | {clipped}/{len(us)} "
+            f"| {_nanmean(kl):.5f} | {_nanmean(pk):.5f} | {_nanmean(qe):.5f} | {ratio:.1f} |"
+        )
+    return md
+
+
+def cell_lr(task: str, variant: str) -> float:
+    """The policy learning rate of a K-FAC NAC cell."""
+    from compare_fisher import Cell, cell_config
+
+    return float(cell_config(Cell(task, variant, 0, 0))[1].get("lr", 0.25))
 
 
 def damping_of(task: str, variant: str) -> float:
