@@ -87,3 +87,21 @@ def test_study_resumes_without_redoing(tmp_path: Path) -> None:
     more = cells + cf.build_cells(["CartPole-v1"], ["trpo-diagonal"], [0], {"CartPole-v1": 64})
     third = cf.run_grid(more, tmp_path, workers=1, diag_every=1, eval_episodes=1)
     assert third == [more[-1].key]
+
+
+@pytest.mark.parametrize("variant", ["trpo-mc", "kfac-nac"])
+def test_diagnostics_leave_training_unchanged(variant: str) -> None:
+    """The report's claim: runs with and without the diagnostics train bit-identically."""
+    from agents.base import flat_params
+
+    cls, params = cf.cell_config(cf.Cell("Pendulum-v1", variant, 0, 0))
+    params.update(n_steps=64, vf_minibatch=64, net_arch=(8, 8))
+    plain = cls("MlpPolicy", "Pendulum-v1", seed=3, **params)
+    plain.learn(3 * 128)
+    diag = cf.with_diagnostics(cls)("MlpPolicy", "Pendulum-v1", seed=3, **params)
+    diag.diag_every = 1
+    diag.learn(3 * 128)
+    assert len(diag.diag_rows) == 3 * (1 + len(cf.FLAVOURS))
+    assert torch.equal(flat_params(plain.policy), flat_params(diag.policy))
+    plain.close()
+    diag.close()
