@@ -240,6 +240,9 @@ class OnPolicyNaturalAlgorithm:
                 pre,
                 f"None with fisher={c['fisher']!r} (solved directly, no CG)",
             )
+        if c["cg_damping"] == 0 and (c["fisher"] in DIRECT_FISHERS or pre is not None):
+            # their inverses divide by Kronecker/diagonal factors that can be exactly singular
+            raise _bad("cg_damping", 0, f"> 0 with fisher={c['fisher']!r}, preconditioner={pre!r}")
         if not 0 < c["fisher_subsample"] <= 1:
             raise _bad("fisher_subsample", c["fisher_subsample"], "a fraction in (0, 1]")
         if int(c["fisher_samples"]) < 1:
@@ -512,14 +515,16 @@ class OnPolicyNaturalAlgorithm:
         losses = []
         for _ in range(self.vf_epochs):
             perm = torch.randperm(n, generator=self.generator).to(obs.device)
+            obs_perm, returns_perm = obs[perm], returns[perm]  # one gather; minibatches are views
             for start in range(0, n, mb):
-                idx = perm[start : start + mb]
-                loss = F.mse_loss(critic(obs[idx]).squeeze(-1), returns[idx])
+                pred = critic(obs_perm[start : start + mb]).squeeze(-1)
+                loss = F.mse_loss(pred, returns_perm[start : start + mb])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss.detach()))
-        return {"value_loss": float(np.mean(losses)) if losses else float("nan")}
+                losses.append(loss.detach())
+        mean_loss = torch.stack(losses).double().mean() if losses else torch.tensor(float("nan"))
+        return {"value_loss": float(mean_loss)}
 
     def _check_finite(self, actor_before: Tensor, critic_before: Tensor) -> None:
         """Roll back and raise if any parameter became NaN/inf."""

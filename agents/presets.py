@@ -78,9 +78,12 @@ _TRPO: dict[str, dict[str, Any]] = {
         normalize_reward=True,
         total_timesteps=200_000,
     ),
-    "Hopper-v5": dict(_MUJOCO),
-    "HalfCheetah-v5": dict(_MUJOCO),
-    "Walker2d-v5": dict(_MUJOCO),
+    # sb3-contrib's KL is the mean over action dimensions (its target_kl bounds KL / d), ours is
+    # the KL of the joint policy: the zoo's target_kl = 0.01 is max_kl = 0.01·d here
+    # (measured ‖F v‖ / ‖H_sb3 v‖ = 3.0000 on Hopper; docs/bench_vs_sb3.md).
+    "Hopper-v5": dict(_MUJOCO, max_kl=0.03),
+    "HalfCheetah-v5": dict(_MUJOCO, max_kl=0.06),
+    "Walker2d-v5": dict(_MUJOCO, max_kl=0.06),
 }
 
 # NPG shares the TRPO settings except where re-tuned. Its step is not line-searched, so the

@@ -164,7 +164,7 @@ class RolloutCollector:
             except Exception as e:
                 raise EnvStepError(
                     f"env {self.env_id!r} raised at env step {self.total_steps}: "
-                    f"{type(e).__name__}: {e} (async workers log their traceback above)"
+                    f"{type(e).__name__}: {e}"
                 ) from e
             self.total_steps += self.n_envs
             next_obs = next_obs.reshape(self.n_envs, -1)  # a view; flat Box observations

@@ -13,6 +13,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
+from gymnasium.vector.async_vector_env import AsyncState
 
 from envs.analytic import (
     BanditEnv,
@@ -92,7 +93,7 @@ def make_vec_env(
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     fns = [_env_fn(env_id, kwargs) for _ in range(n_envs)]
-    cls = SyncVectorEnv if vectorization == "sync" else AsyncVectorEnv
+    cls = SyncVectorEnv if vectorization == "sync" else TracebackAsyncVectorEnv
     vec = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     vec.env_id = env_id  # type: ignore[attr-defined]
     if seed is not None:
@@ -101,8 +102,32 @@ def make_vec_env(
     return vec
 
 
+class EnvWorkerError(RuntimeError):
+    """A sub-env raised inside an async vector-env worker process."""
+
+
+class TracebackAsyncVectorEnv(AsyncVectorEnv):
+    """``AsyncVectorEnv`` whose worker errors reach the caller as one exception that names the
+    sub-env and carries the worker's traceback (Gymnasium only logs it, and its logger breaks on
+    a traceback containing ``%``)."""
+
+    def _raise_if_errors(self, successes) -> None:
+        if all(successes):
+            return
+        errors = []
+        for _ in range(self.num_envs - sum(successes)):
+            index, exctype, value, trace = self.error_queue.get()
+            self.parent_pipes[index].close()
+            self.parent_pipes[index] = None
+            errors.append(f"sub-env {index} raised {exctype.__name__}: {value}\n{trace}")
+        self._state = AsyncState.DEFAULT
+        raise EnvWorkerError("async vector-env worker failed:\n" + "\n".join(errors))
+
+
 __all__ = [
     "VECTORIZATIONS",
+    "EnvWorkerError",
+    "TracebackAsyncVectorEnv",
     "BanditEnv",
     "GaussianBanditEnv",
     "bandit_natural_gradient",

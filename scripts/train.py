@@ -267,14 +267,17 @@ def main(argv: list[str] | None = None) -> int:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = run_dir.with_name(f"{run_dir.name}_{stamp}")
         # Builds (and validates) the agent before anything is written.
-        agent = algo_cls(
-            "MlpPolicy",
-            config["env"],
-            seed=config["seed"],
-            num_threads=config["threads"],
-            verbose=args.verbose,
-            **config["hyperparameters"],
-        )
+        try:
+            agent = algo_cls(
+                "MlpPolicy",
+                config["env"],
+                seed=config["seed"],
+                num_threads=config["threads"],
+                verbose=args.verbose,
+                **config["hyperparameters"],
+            )
+        except ValueError as e:  # bad configuration: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
         run_dir.mkdir(parents=True, exist_ok=True)
         config["resolved"] = agent.config
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))

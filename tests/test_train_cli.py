@@ -46,7 +46,7 @@ def test_train_writes_run_directory_with_preset(tmp_path: Path) -> None:
 
 def test_bad_option_fails_before_run_dir(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match="max_kl=-1.0 is invalid"):
+    with pytest.raises(SystemExit, match="max_kl=-1.0 is invalid"):
         train_cli.main(["--max-kl", "-1", "--run-dir", str(run), "--no-progress"])
     assert not run.exists()
 
