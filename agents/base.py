@@ -463,6 +463,23 @@ class OnPolicyNaturalAlgorithm:
         g = torch.cat([gr.reshape(-1) for gr in grads])
         return out.detach(), old_logp, g, float(surrogate.detach())
 
+    @torch.no_grad()
+    def _kl_and_improvement(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        old_out: Tensor,
+        old_logp: Tensor,
+        surrogate_old: float,
+    ) -> tuple[float, float]:
+        """At the actor's current parameters: the mean KL(π_old ‖ π_θ) over the batch and the
+        surrogate improvement ``L(θ) - L(θ_old)``."""
+        new_out = self.policy.actor(obs)
+        kl = float(self.family.kl(old_out, new_out).mean())
+        ratio = torch.exp(self.family.log_prob(new_out, actions) - old_logp)
+        return kl, float((ratio * advantages).mean()) - surrogate_old
+
     def _fisher(self, obs: Tensor, actions: Tensor) -> tuple[FisherOperator, FisherOperator | None]:
         """The Fisher operator of the configured flavour on (a subsample of) the batch, and the
         preconditioner operator if one is configured."""

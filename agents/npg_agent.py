@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
@@ -21,7 +20,7 @@ class NPG(OnPolicyNaturalAlgorithm):
     algo_name = "npg"
 
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
-        actor, family = self.policy.actor, self.family
+        actor = self.policy.actor
         t0 = time.perf_counter()
         # 1. Surrogate gradient g = E[∇log π(a|s) A] at θ_old.
         old_out, old_logp, g, surrogate_old = self._surrogate_and_grad(obs, actions, advantages)
@@ -33,11 +32,9 @@ class NPG(OnPolicyNaturalAlgorithm):
         if ns.ok:
             # 3. Take the step as is and measure what it did.
             set_flat_params(actor, flat_params(actor) + ns.step)
-            with torch.no_grad():
-                new_out = actor(obs)
-                kl = float(family.kl(old_out, new_out).mean())
-                ratio = torch.exp(family.log_prob(new_out, actions) - old_logp)
-                improvement = float((ratio * advantages).mean()) - surrogate_old
+            kl, improvement = self._kl_and_improvement(
+                obs, actions, advantages, old_out, old_logp, surrogate_old
+            )
         return {
             "kl": kl,
             "surrogate_improvement": improvement,

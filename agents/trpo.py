@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
@@ -25,7 +24,7 @@ class TRPO(OnPolicyNaturalAlgorithm):
     algo_name = "trpo"
 
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
-        actor, family = self.policy.actor, self.family
+        actor = self.policy.actor
         t0 = time.perf_counter()
         # 1. Surrogate L(θ) = E[π_θ(a|s)/π_old(a|s) · A] and its gradient g at θ_old (eq. 14).
         old_out, old_logp, g, surrogate_old = self._surrogate_and_grad(obs, actions, advantages)
@@ -45,11 +44,9 @@ class TRPO(OnPolicyNaturalAlgorithm):
             for k in range(self.line_search_max_iter):
                 coef = self.line_search_shrink**k
                 set_flat_params(actor, old_params + coef * ns.step)
-                with torch.no_grad():
-                    new_out = actor(obs)
-                    kl_k = float(family.kl(old_out, new_out).mean())
-                    ratio = torch.exp(family.log_prob(new_out, actions) - old_logp)
-                    improvement_k = float((ratio * advantages).mean()) - surrogate_old
+                kl_k, improvement_k = self._kl_and_improvement(
+                    obs, actions, advantages, old_out, old_logp, surrogate_old
+                )
                 if kl_k <= self.max_kl and improvement_k > 0:
                     accepted, kl, improvement, backtracks = True, kl_k, improvement_k, k
                     break

@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression, get_family
 from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, KFACFisher, MCFisher
-from npg.fisher.kfac import KroneckerBlock
+from npg.fisher.kfac import KroneckerBlock, block_diagonal_mv
 from npg.model import FunctionalModel, Inputs, batch_size
 
 FISHERS = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
@@ -176,12 +176,7 @@ class _RunningKFAC:
 
     def mv(self, v: Tensor) -> Tensor:
         """``F̂ v`` with the averaged factors."""
-        out = torch.zeros_like(v)
-        for b in self.blocks:
-            b.scatter(b.mv(b.matrix_view(v)), out)
-        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
-            out[s] = d * v[s]
-        return out
+        return block_diagonal_mv(self.blocks, self.diag_slices, self.diag_values, v)
 
     def solve(self, g: Tensor, damping: float) -> Tensor:
         """``(F̂ + λI)⁻¹ g`` with the stored inverses (whose damping is that of their refresh)."""

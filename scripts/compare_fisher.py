@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-import envs as envs_mod  # noqa: E402
 from agents import TRPO  # noqa: E402
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params  # noqa: E402
+from agents.evaluation import evaluate_policy  # noqa: E402
 from agents.kfac_nac import KFACNAC  # noqa: E402
 from agents.presets import get_preset  # noqa: E402
 from npg import make_fisher  # noqa: E402
@@ -216,23 +216,6 @@ def with_diagnostics(cls: type[OnPolicyNaturalAlgorithm]) -> type[OnPolicyNatura
 
 
 # --- one cell ---------------------------------------------------------------------------------
-def evaluate(agent: OnPolicyNaturalAlgorithm, episodes: int, seed: int = 10_000) -> list[float]:
-    """Deterministic returns of ``episodes`` episodes on a fresh env."""
-    env = envs_mod.make_env(agent.config["env_id"], None)
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            action, _ = agent.predict(obs, deterministic=True)
-            obs, r, term, trunc, _ = env.step(action)
-            total += float(r)
-            done = bool(term or trunc)
-        out.append(total)
-    env.close()
-    return out
-
-
 def cell_config(cell: Cell) -> tuple[type[OnPolicyNaturalAlgorithm], dict[str, Any]]:
     """The agent class and keyword arguments of a cell (the algorithm's preset + overrides)."""
     algo, overrides = VARIANTS[cell.variant]
@@ -273,7 +256,7 @@ def run_cell(cell: Cell, out: str, diag_every: int, eval_episodes: int) -> str:
     agent.learn(cell.budget, callback=callback)
     for d in getattr(agent, "diag_rows", []):
         rows.append(dict(ident, record="flavour", **d))
-    ret = evaluate(agent, eval_episodes)
+    ret = evaluate_policy(agent, eval_episodes)
     final = dict(eval_return=float(np.mean(ret)), eval_std=float(np.std(ret)))
     rows.append(dict(ident, record="final", timesteps=agent.num_timesteps, wall_s=wall[0], **final))
     agent.close()

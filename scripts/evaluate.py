@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents import CheckpointManager, OnPolicyNaturalAlgorithm, load_checkpoint  # noqa: E402
+from agents.evaluation import evaluate_policy  # noqa: E402
 from envs import make_env  # noqa: E402
 
 
@@ -54,18 +55,10 @@ def evaluate(
         except ImportError:
             raise SystemExit("--video needs moviepy (pip install moviepy)") from None
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda i: True)
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            action, _ = agent.predict(obs, deterministic=deterministic)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
+    try:
+        return evaluate_policy(agent, episodes, seed, deterministic, env)
+    finally:
+        env.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,12 +216,7 @@ class KFACFisher(DirectlyInvertible):
 
     # --- products ------------------------------------------------------------------------------
     def _mv(self, v: Tensor) -> Tensor:
-        out = torch.zeros_like(v)
-        for b in self.blocks:
-            b.scatter(b.mv(b.matrix_view(v)), out)
-        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
-            out[s] = d * v[s]
-        return out
+        return block_diagonal_mv(self.blocks, self.diag_slices, self.diag_values, v)
 
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """``(F̂ + λI)⁻¹ g`` blockwise, with π-damping or the exact eigen-damped inverse."""
@@ -250,6 +245,18 @@ class KFACFisher(DirectlyInvertible):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def block_diagonal_mv(
+    blocks: list[KroneckerBlock], diag_slices: list[slice], diag_values, v: Tensor
+) -> Tensor:
+    """``F̂ v`` for Kronecker blocks plus diagonal blocks (the K-FAC block-diagonal product)."""
+    out = torch.zeros_like(v)
+    for b in blocks:
+        b.scatter(b.mv(b.matrix_view(v)), out)
+    for s, d in zip(diag_slices, diag_values, strict=True):
+        out[s] = d * v[s]
+    return out
+
+
 def _offsets(fmodel: FunctionalModel) -> dict[str, slice]:
     offsets, start = {}, 0
     for name, numel in zip(fmodel.names, fmodel.numels, strict=True):
