@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gymnasium.vector import SyncVectorEnv, VectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from torch import Tensor
 
 import envs as envs_mod
@@ -289,6 +289,15 @@ class OnPolicyNaturalAlgorithm:
             envs_mod.check_env_id(env)
         elif not isinstance(env, VectorEnv):
             raise _bad("env", env, "a Gymnasium env id or a gymnasium.vector.VectorEnv")
+        elif env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+            # the rollout reads final observations from infos["final_obs"] (SAME_STEP); NEXT_STEP
+            # would insert fake reset transitions and bootstrap across episodes
+            raise _bad(
+                "env",
+                f"a VectorEnv with autoreset_mode={env.metadata.get('autoreset_mode')}",
+                "a VectorEnv with autoreset_mode=AutoresetMode.SAME_STEP "
+                "(envs.make_vec_env builds one)",
+            )
 
     # --- the training loop --------------------------------------------------------------------
     def _start(self) -> None:
@@ -651,6 +660,7 @@ class OnPolicyNaturalAlgorithm:
             # Fallback for envs without a state adapter: restart the episodes in flight.
             obs, _ = self.env.reset(seed=self.seed + 7919 * self.num_updates)
             self.collector.load_state_dict(state["rollout"], with_obs=False)
+            self.reward_scaler.ret[:] = 0.0  # the discounted return of the restarted episodes
             self.collector.cur_obs = self.obs_normalizer(obs.reshape(self.n_envs, -1), update=False)
         self._started = True
 
@@ -711,5 +721,6 @@ def compute_gae_t(
         final_values.numpy(),
         gamma,
         gae_lambda,
+        batch.valid.numpy(),
     )
     return torch.from_numpy(adv), torch.from_numpy(ret)

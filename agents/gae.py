@@ -14,6 +14,7 @@ def compute_gae(
     final_values: np.ndarray,
     gamma: float,
     gae_lambda: float,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GAE(γ, λ) advantages and λ-returns over a ``(T, E)`` rollout.
 
@@ -25,6 +26,8 @@ def compute_gae(
             bootstrap from ``final_values[t]``, the value of the final observation (with
             ``SAME_STEP`` autoreset the next observation in the buffer is already a reset one).
         final_values: ``V(final_obs_t)``, read only where ``truncated``; shape ``(T, E)``.
+        valid: ``False`` for transitions dropped from the losses (non-finite env output): they
+            get ``A_t = 0`` and the step before bootstraps from ``V(s_t)``, as at a time limit.
 
     Returns:
         ``(advantages, returns)`` with ``returns = advantages + values``.
@@ -42,5 +45,7 @@ def compute_gae(
         not_done = (~(terminated[t] | truncated[t])).astype(values.dtype)
         delta = rewards[t] + gamma * next_values - values[t]
         running = delta + gamma * gae_lambda * not_done * running
+        if valid is not None:
+            running = np.where(valid[t], running, 0.0)
         adv[t] = running
     return adv, adv + values

@@ -209,7 +209,7 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
         n, mb = obs.shape[0], self.vf_minibatch
         target = returns.unsqueeze(-1)
         losses: list[float] = []
-        for _ in range(max(1, self.vf_epochs)):
+        for _ in range(self.vf_epochs):  # 0 keeps the critic fixed, as in the base class
             perm = torch.randperm(n, generator=self.generator).to(obs.device)
             for start in range(0, n, mb):
                 idx = perm[start : start + mb]
@@ -222,7 +222,7 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
                     return loss
 
                 losses.append(float(opt.step(closure, inputs=x, targets=y).detach()))
-        return {"value_loss": float(sum(losses) / len(losses))}
+        return {"value_loss": float(sum(losses) / len(losses)) if losses else float("nan")}
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _capture_state(self) -> dict[str, Any]:

@@ -251,6 +251,9 @@ class RolloutCollector:
             self.cur_obs = state["cur_obs"].numpy().copy()  # type: ignore[union-attr]
             self.ep_return = state["ep_return"].numpy().copy()  # type: ignore[union-attr]
             self.ep_length = state["ep_length"].numpy().copy()  # type: ignore[union-attr]
+        else:  # fresh episodes: nothing of the interrupted ones carries over
+            self.ep_return = np.zeros_like(self.ep_return)
+            self.ep_length = np.zeros_like(self.ep_length)
         self.episodes.clear()
         self.episodes.extend((float(r), int(n)) for r, n in state["episodes"])  # type: ignore
         self.total_steps = int(state["total_steps"])  # type: ignore[arg-type]

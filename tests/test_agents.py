@@ -553,3 +553,27 @@ def test_multidim_box_obs_and_discrete_start() -> None:
     agent.learn(20 * 128)
     action, _ = agent.predict(np.zeros((2, 3), np.float32))
     assert int(action) == 1
+
+
+def test_vector_env_with_next_step_autoreset_is_refused() -> None:
+    """The rollout needs SAME_STEP autoreset (final observations in the infos); Gymnasium's
+    default NEXT_STEP would insert fake reset transitions, so it is refused up front."""
+    env = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync")
+    try:
+        with pytest.raises(ValueError, match="autoreset_mode=AutoresetMode.SAME_STEP"):
+            TRPO("MlpPolicy", env, **SMALL)
+    finally:
+        env.close()
+
+
+def test_resume_without_env_state_restarts_episode_bookkeeping(tmp_path: Path) -> None:
+    """Envs without a state adapter resume with fresh episodes: the episode counters and the
+    reward scaler's running return of the interrupted episodes must not carry over."""
+    agent = TRPO("MlpPolicy", "CartPole-v1", normalize_reward=True, **SMALL).learn(128)
+    state = agent._capture_state()
+    state["env_states"] = None  # as for Box2D / async envs
+    agent.learn(64, reset_num_timesteps=False)  # episodes move on past the boundary
+    agent._restore_state(state)
+    assert (agent.collector.ep_length == 0).all() and (agent.collector.ep_return == 0).all()
+    assert (agent.reward_scaler.ret == 0).all()
+    agent.close()

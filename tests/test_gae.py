@@ -65,3 +65,30 @@ def test_gae_lambda_one_is_discounted_return_minus_value() -> None:
     for t in range(5, -1, -1):
         g = r[t, 0] + 0.9 * g
         assert ret[t, 0] == pytest.approx(g, rel=1e-5)
+
+
+def test_dropped_transition_gets_no_advantage_and_the_step_before_bootstraps() -> None:
+    """A transition dropped for non-finite env output is stored as reward 0 + termination; it
+    must not leak ``-V(s_t)`` into earlier steps: the step before bootstraps from ``V(s_t)``."""
+    gamma, lam = 0.99, 0.95
+    rewards = np.array([[1.0], [1.0], [0.0], [1.0]], np.float32)  # step 2 dropped
+    values = np.full((4, 1), 10.0, np.float32)
+    terminated = np.zeros((4, 1), bool)
+    terminated[2, 0] = True  # how the rollout stores a dropped step
+    truncated = np.zeros((4, 1), bool)
+    valid = np.ones((4, 1), bool)
+    valid[2, 0] = False
+    adv, ret = compute_gae(
+        rewards,
+        values,
+        np.array([10.0], np.float32),
+        terminated,
+        truncated,
+        np.zeros((4, 1), np.float32),
+        gamma,
+        lam,
+        valid,
+    )
+    # t=1: δ = 1 + 0.99·10 - 10 = 0.9, and A2 = 0 adds nothing;  t=0: A0 = 0.9 + γλ·0.9
+    np.testing.assert_allclose(adv[:, 0], [0.9 + gamma * lam * 0.9, 0.9, 0.0, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(ret[:2, 0], [10.0 + 0.9 + gamma * lam * 0.9, 10.9], rtol=1e-6)
