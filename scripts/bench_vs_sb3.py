@@ -2,14 +2,16 @@
 
 Both sides get the same task preset (:mod:`agents.presets`): ``n_envs``, ``n_steps``, the
 (64, 64) tanh MLPs with orthogonal init, CG iterations and damping, line-search shrink and
-iterations, critic epochs / minibatch / Adam lr (and Adam ``eps=1e-8`` on both), ``max_kl`` as
-sb3's ``target_kl``, and the same observation/reward normalization (sb3: ``VecNormalize``, ours:
+iterations, critic epochs / minibatch / Adam lr (and Adam ``eps=1e-8`` on both), the KL radius
+(below), and the same observation/reward normalization (sb3: ``VecNormalize``, ours:
 the built-in running normalizers). KL radius: sb3-contrib's TRPO averages the per-dimension
 Gaussian KL over the action dimensions (``kl_divergence(...).mean()`` on an ``(N, d)`` tensor),
 so for a ``Box`` action space of dimension ``d`` its ``target_kl`` bounds KL/d, and its
-Fisher-vector product is F/d; ours bounds the KL itself. ``--kl-match nominal`` passes the same
-number to both; ``--kl-match sum`` gives ours ``max_kl = d × target_kl``, i.e. the same trust
-region (identical for discrete actions). Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
+Fisher-vector product is F/d; ours bounds the KL itself. The presets hold our joint-KL
+``max_kl`` (0.01·d on MuJoCo) and sb3 gets ``target_kl = max_kl / d``: ``--kl-match sum``
+(default) is then the same trust region on both sides; ``--kl-match nominal`` also gives ours
+the per-dimension number (the setting of the first run in docs/bench_vs_sb3.md). Both are the
+same for discrete actions. Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
 ``SyncVectorEnv`` (both in-process, one env after the other).
 
 Every run is a fresh subprocess (``torch.set_num_threads(1)``); sb3 and ours alternate (the order
@@ -130,7 +132,7 @@ def run_sb3(env_id: str, steps: int, seed: int, episodes: int) -> dict[str, Any]
         n_critic_updates=hp["vf_epochs"],
         gae_lambda=hp["gae_lambda"],
         normalize_advantage=hp["normalize_advantage"],
-        target_kl=hp["max_kl"],
+        target_kl=hp["max_kl"] / _action_dim(env_id),  # sb3's KL is per action dimension
         policy_kwargs=dict(
             net_arch=dict(pi=hp["net_arch"], vf=hp["net_arch"]),
             activation_fn=activations[hp["activation"]],
@@ -177,7 +179,7 @@ def _action_dim(env_id: str) -> int:
 
 
 def run_ours(
-    env_id: str, steps: int, seed: int, episodes: int, kl_match: str = "nominal"
+    env_id: str, steps: int, seed: int, episodes: int, kl_match: str = "sum"
 ) -> dict[str, Any]:
     """Our TRPO (exact Fisher) on a Gymnasium ``SyncVectorEnv``."""
     import torch
@@ -186,8 +188,8 @@ def run_ours(
 
     torch.set_num_threads(1)
     hp = _hyperparameters(env_id)
-    if kl_match == "sum":
-        hp["max_kl"] = hp["max_kl"] * _action_dim(env_id)
+    if kl_match == "nominal":  # sb3's per-dimension number, taken as our joint KL
+        hp["max_kl"] = hp["max_kl"] / _action_dim(env_id)
     train_cpu: list[float] = []
 
     class TimedTRPO(TRPO):
@@ -328,7 +330,7 @@ def breakdown(env_id: str, updates: int = 6) -> dict[str, float]:
         "MlpPolicy", venv, learning_rate=hp["vf_lr"], n_steps=hp["n_steps"],
         batch_size=hp["vf_minibatch"], gamma=hp["gamma"], cg_max_steps=hp["cg_iters"],
         cg_damping=hp["cg_damping"], n_critic_updates=hp["vf_epochs"], gae_lambda=hp["gae_lambda"],
-        target_kl=hp["max_kl"], seed=0, device="cpu",
+        target_kl=hp["max_kl"] / _action_dim(env_id), seed=0, device="cpu",
         policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-8)),
     )  # fmt: skip
     sb3._setup_learn(10**9, None)
@@ -478,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix of the CSV names")
     p.add_argument("--check-kl", action="store_true", help="only compare Fv with sb3's Hv")
     p.add_argument("--breakdown", action="store_true", help="only the CPU-time split per phase")
-    p.add_argument("--kl-match", choices=["nominal", "sum"], default="nominal")
+    p.add_argument("--kl-match", choices=["nominal", "sum"], default="sum")
     p.add_argument("--impls", nargs="+", default=["sb3", "ours"], choices=["sb3", "ours"])
     p.add_argument("--from-csv", default=None, help="only summarize/plot this bench_runs CSV")
     p.add_argument("--worker", choices=["sb3", "ours"], help=argparse.SUPPRESS)
