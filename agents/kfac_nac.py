@@ -161,7 +161,7 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
         # KL clipping with the K-FAC model (ACKTR): scale = min(1, sqrt(2δ / sᵀ(F̂ + λI)s));
         # with kl_clip_damped=False the undamped sᵀF̂s is used instead.
         with torch.no_grad():
-            quad = float(step @ opt._kfac.mv(step))  # sᵀF̂s with the running-average factors
+            quad = float(step @ opt.kfac_mv(step))  # sᵀF̂s with the running-average factors
             quad_clip = quad + (self.damping * float(step @ step) if self.kl_clip_damped else 0)
             scale = 1.0
             if quad_clip > 0 and math.isfinite(quad_clip):

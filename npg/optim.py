@@ -358,6 +358,13 @@ class NGD(Optimizer):
         """The current damping ``λ`` (changes under the adaptive rule)."""
         return float(self._gstate().get("damping", self.param_groups[0]["damping"]))
 
+    def kfac_mv(self, v: Tensor) -> Tensor:
+        """``F̂ v`` with the running-average K-FAC factors (undamped, unscaled by the loss), for
+        a flat vector over the optimised parameters — e.g. the KL model ``½ ΔᵀF̂Δ`` of a step."""
+        if self._kfac is None or not self._kfac.blocks:
+            raise RuntimeError("no K-FAC factors yet: kfac_mv needs fisher='kfac' and one step()")
+        return self._kfac.mv(v)
+
     def _gstate(self) -> dict[str, Any]:
         if _STATE_KEY not in self.state:
             self.state[_STATE_KEY] = {"step": 0, "damping": self.param_groups[0]["damping"]}

@@ -447,3 +447,23 @@ def test_kfac_decreases_loss_with_running_averages():
         opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     assert float(loss_fn(model(x), y).detach()) < 0.8 * loss0
     assert copy.deepcopy(opt.state_dict())["state"]["ngd"]["step"] == 20
+
+
+def test_kfac_mv_is_the_running_kronecker_product_and_needs_a_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
+    opt = NGD(model.parameters(), model=model, family="categorical", fisher="kfac", kfac_decay=0.0)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no K-FAC factors yet"):
+        opt.kfac_mv(v)
+    reference = KFACFisher(model, x, Categorical()).mv(v)  # the factors at the step's θ
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, inputs=x, targets=y)
+    torch.testing.assert_close(opt.kfac_mv(v), reference)
