@@ -37,6 +37,16 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine (modules opt in
+    with ``pytest.mark.usefixtures("one_thread")``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --- models -----------------------------------------------------------------------------------
 class FreeLogStd(nn.Module):
     """A mean network plus a state-independent log-std broadcast into ``[mean, log_std]``."""
