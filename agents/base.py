@@ -26,6 +26,7 @@ from torch import Tensor
 
 import envs as envs_mod
 from agents.checkpoint import FORMAT, CheckpointManager, load_checkpoint, save_atomic
+from agents.critic import BackgroundFit, fit_critic, scripted_activation
 from agents.gae import compute_gae
 from agents.normalize import ObsNormalizer, RewardScaler
 from agents.policies import ACTIVATIONS, ActorCriticPolicy
@@ -75,6 +76,11 @@ def set_flat_params(module: torch.nn.Module, flat: Tensor) -> None:
         n = p.numel()
         p.copy_(flat[start : start + n].view_as(p))
         start += n
+
+
+def _mean_loss(losses: Tensor) -> float:
+    """The mean of per-step losses in float64 (NaN when there were none)."""
+    return float(losses.double().mean()) if losses.numel() else float("nan")
 
 
 def explained_variance(pred: Tensor, target: Tensor) -> float:
@@ -445,10 +451,23 @@ class OnPolicyNaturalAlgorithm:
 
         actor_before = flat_params(policy.actor).clone()
         critic_before = flat_params(critic).clone()
+        # The critic fit does not depend on the policy step: where it is the scripted Adam fit,
+        # it runs in a background thread (without the GIL) while this thread takes the step.
+        perms = self._critic_perms(obs.shape[0], obs.device)
+        activation = scripted_activation(critic, self.vf_optimizer)
+        background = None
+        if activation is not None and self.vf_epochs > 0:
+            background = BackgroundFit(
+                critic, self.vf_optimizer, activation, obs, returns, perms, self.vf_minibatch
+            )
         metrics = self._policy_update(obs, actions, advantages)
-        t0 = time.perf_counter()
-        metrics.update(self._critic_update(obs, returns))
-        metrics["time_critic"] = time.perf_counter() - t0
+        if background is not None:
+            losses, metrics["time_critic"] = background.result()
+            metrics["value_loss"] = _mean_loss(losses)
+        else:
+            t0 = time.perf_counter()
+            metrics.update(self._critic_update(obs, returns, perms))
+            metrics["time_critic"] = time.perf_counter() - t0
         metrics["explained_variance"] = explained_variance(values_flat, returns.cpu())
         self._check_finite(actor_before, critic_before)
         return metrics
@@ -534,23 +553,33 @@ class OnPolicyNaturalAlgorithm:
         m["log_std_mean"] = float(actor.log_std.detach().mean()) if actor.gaussian else float("nan")
         return m
 
-    def _critic_update(self, obs: Tensor, returns: Tensor) -> dict[str, float]:
-        """Fit ``V`` to the λ-returns: ``vf_epochs`` epochs of Adam on shuffled minibatches."""
-        critic, opt = self.policy.critic, self.vf_optimizer
-        n, mb = obs.shape[0], self.vf_minibatch
+    def _critic_perms(self, n: int, device: torch.device) -> Tensor:
+        """One shuffle of the ``n`` rows per critic epoch, ``(vf_epochs, n)``."""
+        perms = [torch.randperm(n, generator=self.generator) for _ in range(self.vf_epochs)]
+        return torch.stack(perms).to(device) if perms else torch.zeros(0, n, dtype=torch.long)
+
+    def _critic_update(self, obs: Tensor, returns: Tensor, perms: Tensor) -> dict[str, float]:
+        """Fit ``V`` to the λ-returns: one epoch of Adam on minibatches per row of ``perms``
+        (the scripted fit of :mod:`agents.critic` where the critic allows it)."""
+        critic, opt, mb = self.policy.critic, self.vf_optimizer, self.vf_minibatch
+        activation = scripted_activation(critic, opt)
+        if activation is not None:
+            return {
+                "value_loss": _mean_loss(
+                    fit_critic(critic, opt, activation, obs, returns, perms, mb)
+                )
+            }
         losses = []
-        for _ in range(self.vf_epochs):
-            perm = torch.randperm(n, generator=self.generator).to(obs.device)
+        for perm in perms:
             obs_perm, returns_perm = obs[perm], returns[perm]  # one gather; minibatches are views
-            for start in range(0, n, mb):
+            for start in range(0, obs.shape[0], mb):
                 pred = critic(obs_perm[start : start + mb]).squeeze(-1)
                 loss = F.mse_loss(pred, returns_perm[start : start + mb])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
-        mean_loss = torch.stack(losses).double().mean() if losses else torch.tensor(float("nan"))
-        return {"value_loss": float(mean_loss)}
+        return {"value_loss": _mean_loss(torch.stack(losses) if losses else torch.zeros(0))}
 
     def _check_finite(self, actor_before: Tensor, critic_before: Tensor) -> None:
         """Roll back and raise if any parameter became NaN/inf."""

@@ -200,17 +200,16 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
         }
 
     # --- the critic -----------------------------------------------------------------------------
-    def _critic_update(self, obs: Tensor, returns: Tensor) -> dict[str, float]:
-        """Adam (base class) or ``vf_epochs`` passes of K-FAC Gauss-Newton steps on minibatches
-        of ``vf_minibatch`` (ACKTR: one full-batch step)."""
+    def _critic_update(self, obs: Tensor, returns: Tensor, perms: Tensor) -> dict[str, float]:
+        """Adam (base class) or K-FAC Gauss-Newton steps on minibatches of ``vf_minibatch``,
+        one epoch per row of ``perms`` (ACKTR: one full-batch step)."""
         if self.critic_optimizer == "adam":
-            return super()._critic_update(obs, returns)
+            return super()._critic_update(obs, returns, perms)
         critic, opt = self.policy.critic, self.vf_optimizer
         n, mb = obs.shape[0], self.vf_minibatch
         target = returns.unsqueeze(-1)
         losses: list[float] = []
-        for _ in range(self.vf_epochs):  # 0 keeps the critic fixed, as in the base class
-            perm = torch.randperm(n, generator=self.generator).to(obs.device)
+        for perm in perms:  # none: vf_epochs = 0 keeps the critic fixed, as in the base class
             for start in range(0, n, mb):
                 idx = perm[start : start + mb]
                 x, y = obs[idx], target[idx]

@@ -60,7 +60,7 @@ def _all_finite(agent: TRPO) -> bool:
 
 # --- 1. SIGINT / SIGTERM in a real scripts/train.py process -----------------------------------
 # The child patches the agent so that it signals *itself* at a known point: in the rollout of
-# update ``at`` (10 env steps in), or in the critic fit of update ``at``; then runs train.main.
+# update ``at`` (10 env steps in), or in update ``at`` (at its GAE); then runs train.main.
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys
@@ -69,7 +69,7 @@ _CHILD = textwrap.dedent(
     import agents.rollout as rollout
     import train
     phase, sig, at = {phase!r}, signal.{sig}, {at}
-    calls = {{"collect": 0, "critic": 0}}
+    calls = {{"collect": 0, "update": 0}}
     if phase == "rollout":
         real_collect = rollout.RolloutCollector.collect
         def collect(self, should_stop=None):
@@ -83,13 +83,13 @@ _CHILD = textwrap.dedent(
             return real_collect(self, stop)
         rollout.RolloutCollector.collect = collect
     else:
-        real_critic = base.OnPolicyNaturalAlgorithm._critic_update
-        def critic(self, obs, returns):
-            calls["critic"] += 1
-            if calls["critic"] == at:
+        real_gae = base.compute_gae_t
+        def gae(*args):
+            calls["update"] += 1
+            if calls["update"] == at:
                 os.kill(os.getpid(), sig)
-            return real_critic(self, obs, returns)
-        base.OnPolicyNaturalAlgorithm._critic_update = critic
+            return real_gae(*args)
+        base.compute_gae_t = gae
     sys.exit(train.main(sys.argv[1:]))
     """
 )
