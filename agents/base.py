@@ -180,7 +180,9 @@ class OnPolicyNaturalAlgorithm:
         self.env_id = env_id or "env"
 
         self.env: VectorEnv = (
-            envs_mod.make_vec_env(env, n_envs, None, vectorization, **self.env_kwargs)
+            envs_mod.make_vec_env(
+                env, n_envs, None, vectorization, step_infos=False, **self.env_kwargs
+            )
             if isinstance(env, str)
             else env
         )

@@ -17,9 +17,12 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch ``x`` of shape ``(B, *shape)``."""
-        b_mean = x.mean(0)
-        b_var = x.var(0)
+        # x.mean(0) and x.var(0) in the same arithmetic, without numpy's generic wrappers (this
+        # runs every env step)
         b_count = x.shape[0]
+        b_mean = np.add.reduce(x, 0) / b_count
+        centered = x - b_mean
+        b_var = np.add.reduce(centered * centered, 0) / b_count
         delta = b_mean - self.mean
         tot = self.count + b_count
         self.mean = self.mean + delta * (b_count / tot)
@@ -57,7 +60,7 @@ class ObsNormalizer:
         if update:
             self.rms.update(obs)
         z = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
-        return np.clip(z, -self.clip, self.clip).astype(np.float32)
+        return _clip(z, self.clip).astype(np.float32)
 
     def state_dict(self) -> dict[str, object]:
         return {"enabled": self.enabled, "clip": self.clip, "rms": self.rms.state_dict()}
@@ -85,7 +88,7 @@ class RewardScaler:
             return reward
         self.ret = self.ret * self.gamma + reward
         self.rms.update(self.ret)
-        scaled = np.clip(reward / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip)
+        scaled = _clip(reward / np.sqrt(self.rms.var + self.eps), self.clip)
         self.ret[done] = 0.0
         return scaled
 
@@ -100,3 +103,9 @@ class RewardScaler:
         self.enabled = bool(state["enabled"])
         self.rms.load_state_dict(state["rms"])  # type: ignore[arg-type]
         self.ret = state["ret"].numpy().copy()  # type: ignore[union-attr]
+
+
+def _clip(x: np.ndarray, bound: float) -> np.ndarray:
+    """``np.clip(x, -bound, bound)`` in place on the new array ``x`` (two ufunc calls instead
+    of ``np.clip``'s wrappers)."""
+    return np.minimum(np.maximum(x, -bound, out=x), bound, out=x)

@@ -133,7 +133,7 @@ class RolloutWorker:
         self.generation: int | None = None
         c = config
         self.env = envs_mod.make_vec_env(
-            env_id, int(c["n_envs"]), None, c["vectorization"], **c["env_kwargs"]
+            env_id, int(c["n_envs"]), None, c["vectorization"], step_infos=False, **c["env_kwargs"]
         )
         n_envs = self.env.num_envs
         self.policy = ActorCriticPolicy(

@@ -80,13 +80,15 @@ def make_vec_env(
     n_envs: int = 1,
     seed: int | None = 0,
     vectorization: str = "sync",
+    step_infos: bool = True,
     **kwargs: Any,
 ) -> VectorEnv:
     """A vector env of ``n_envs`` copies of ``env_id`` in ``SAME_STEP`` autoreset mode.
 
     Sub-env ``i`` is seeded with ``seed + i`` by the first ``reset`` (already done here when
-    ``seed`` is given); ``vectorization`` is ``"sync"`` (in-process) or ``"async"`` (one worker
-    process per sub-env).
+    ``seed`` is given); ``vectorization`` is ``"sync"`` (in-process, a
+    :class:`LeanSyncVectorEnv`; ``step_infos=False`` skips merging per-step infos) or
+    ``"async"`` (one worker process per sub-env).
     """
     check_env_id(env_id)
     if vectorization not in VECTORIZATIONS:
@@ -94,8 +96,10 @@ def make_vec_env(
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     fns = [_env_fn(env_id, kwargs) for _ in range(n_envs)]
-    cls = LeanSyncVectorEnv if vectorization == "sync" else TracebackAsyncVectorEnv
-    vec = cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    if vectorization == "sync":
+        vec = LeanSyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP, step_infos=step_infos)
+    else:
+        vec = TracebackAsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
     vec.env_id = env_id  # type: ignore[attr-defined]
     if seed is not None:
         vec.reset(seed=seed)
@@ -111,7 +115,15 @@ class LeanSyncVectorEnv(SyncVectorEnv):
     dispatch (``iterate``/``concatenate``), the ``deepcopy`` of the observations and the info
     merging of empty infos: on CartPole this halves the vector env's own overhead per step.
     Anything else is handed to Gymnasium's implementation.
+
+    With ``step_infos=False`` the sub-envs' per-step info dicts are not merged (episode ends
+    still report ``final_obs``/``final_info``): the agents' rollout reads nothing else, and on
+    Hopper the merging alone costs about 24 µs per vector step.
     """
+
+    def __init__(self, *args: Any, step_infos: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_infos = step_infos
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         if (
@@ -130,7 +142,7 @@ class LeanSyncVectorEnv(SyncVectorEnv):
             if terminated or truncated:
                 infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
                 obs, info = env.reset()
-            if info:
+            if info and self.step_infos:
                 infos = self._add_info(infos, info, i)
             self._env_obs[i] = obs
             batch[i] = obs

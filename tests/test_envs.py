@@ -134,3 +134,8 @@ def test_lean_sync_vector_env_steps_like_gymnasium(env_id: str) -> None:
                 np.testing.assert_array_equal(a[4]["final_obs"][i], b[4]["final_obs"][i])
     assert ends >= 3  # episode ends were exercised
     assert isinstance(make_vec_env(env_id, 2), LeanSyncVectorEnv)
+    quiet = make_vec_env(env_id, 2, seed=0, step_infos=False)
+    for _ in range(250):
+        _, _, term, trunc, info = quiet.step(quiet.action_space.sample())
+        assert set(info) <= {"final_obs", "_final_obs", "final_info", "_final_info"}
+        assert ("final_obs" in info) == bool((term | trunc).any())
