@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -140,34 +141,48 @@ def infer_likelihood(loss_fn: Any, out_dim: int | None = None) -> Likelihood:
 
 # --- the running-average K-FAC curvature -------------------------------------------------------
 class _RunningKFAC:
-    """Exponential moving averages of K-FAC factors with inverses refreshed on demand."""
+    """Exponential moving averages of K-FAC factors with inverses refreshed on demand.
 
-    def __init__(self, inverse: str) -> None:
+    ``params`` are the optimised parameters in the optimizer's (flat-vector) order; the blocks
+    are mapped to them once, so a step works on the per-parameter gradients directly.
+    """
+
+    def __init__(self, inverse: str, params: list[Tensor]) -> None:
         self.inverse = inverse
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        starts = itertools.accumulate(self.numels, initial=0)
+        self._index = {start: i for i, start in enumerate(starts)}  # flat offset -> parameter
         self.blocks: list[KroneckerBlock] = []
+        self.layout: list[tuple[int, int | None]] = []  # per block: weight, bias parameter
         self.diag_slices: list[slice] = []
+        self.diag_index: list[int] = []
         self.diag_values: list[Tensor] = []
         self.inverses: list[tuple] | None = None
         self.inverse_damping: float | None = None
-        self.last_quad: Tensor | None = None
+
+    def _attach(self, blocks: list[KroneckerBlock], diag_slices: list[slice]) -> None:
+        self.blocks, self.diag_slices = blocks, list(diag_slices)
+        self.layout = [
+            (self._index[b.weight.start], None if b.bias is None else self._index[b.bias.start])
+            for b in blocks
+        ]
+        self.diag_index = [self._index[s.start] for s in self.diag_slices]
 
     def update(self, fisher: KFACFisher, decay: float) -> None:
         """Fold one batch's factors into the averages (the first batch initialises them)."""
         if not self.blocks:
-            self.blocks = [
+            blocks = [
                 KroneckerBlock(b.module, b.weight, b.bias, b.A.clone(), b.G.clone())
                 for b in fisher.blocks
             ]
-            self.diag_slices = list(fisher.diag_slices)
+            self._attach(blocks, fisher.diag_slices)
             self.diag_values = [d.clone() for d in fisher.diag_values]
             return
-        for mine, new in zip(self.blocks, fisher.blocks, strict=True):
-            mine.A = decay * mine.A + (1 - decay) * new.A
-            mine.G = decay * mine.G + (1 - decay) * new.G
-        self.diag_values = [
-            decay * d + (1 - decay) * n
-            for d, n in zip(self.diag_values, fisher.diag_values, strict=True)
-        ]
+        # in place, one op for all factors: F̂ ← decay·F̂ + (1 - decay)·F_batch
+        mine = [t for b in self.blocks for t in (b.A, b.G)] + self.diag_values
+        new = [t for b in fisher.blocks for t in (b.A, b.G)] + list(fisher.diag_values)
+        torch._foreach_lerp_(mine, new, 1 - decay)
 
     def refresh_inverses(self, damping: float) -> None:
         """Recompute the damped inverses of the current averages."""
@@ -178,23 +193,44 @@ class _RunningKFAC:
         """``F̂ v`` with the averaged factors."""
         return block_diagonal_mv(self.blocks, self.diag_slices, self.diag_values, v)
 
-    def solve(self, g: Tensor, damping: float) -> Tensor:
-        """``(F̂ + λI)⁻¹ g`` with the stored inverses (whose damping is that of their refresh)."""
+    def precondition(
+        self, grads: list[Tensor], curvature: bool
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """``x = (F̂ + λI)⁻¹ g`` per parameter, for the per-parameter gradients ``grads``, with
+        the stored inverses (``λ`` is that of their refresh); with ``curvature`` also the
+        ``(2,)`` tensor ``[xᵀF̂x, gᵀx]`` (``F̂`` the current averages), else ``None``."""
         if self.inverses is None:
             raise RuntimeError("K-FAC inverses were never computed")
-        out = torch.zeros_like(g)
-        quad = g.new_zeros(())
-        for b, inv in zip(self.blocks, self.inverses, strict=True):
-            x = b.apply_inverse(inv, b.matrix_view(g))
-            quad = quad + (b.mv(x) * x).sum()
-            b.scatter(x, out)
-        lam = self.inverse_damping if self.inverse_damping is not None else damping
-        for s, d in zip(self.diag_slices, self.diag_values, strict=True):
-            x = g[s] / (d + lam)
-            quad = quad + (d * x * x).sum()
-            out[s] = x
-        self.last_quad = quad  # xᵀF̂x of the returned x, saves a separate product
-        return out
+        parts: list[Tensor] = list(grads)  # every entry is replaced below
+        quads: list[Tensor] = []
+        dots: list[Tensor] = []
+        for b, inv, (iw, ib) in zip(self.blocks, self.inverses, self.layout, strict=True):
+            gw = grads[iw].reshape(b.G.shape[0], -1)
+            m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
+            x = b.apply_inverse(inv, m)
+            if ib is None:
+                parts[iw] = x.view_as(grads[iw])
+            else:
+                parts[iw], parts[ib] = x[:, :-1].view_as(grads[iw]), x[:, -1]
+            if curvature:
+                quads.append(torch.sum(b.mv(x) * x))
+                dots.append(torch.sum(m * x))
+        for i, d in zip(self.diag_index, self.diag_values, strict=True):
+            g, d = grads[i], d.view_as(grads[i])
+            parts[i] = x = g / (d + self.inverse_damping)
+            if curvature:
+                quads.append(torch.sum(d * x * x))
+                dots.append(torch.sum(g * x))
+        if not curvature:
+            return parts, None
+        return parts, torch.stack(quads + dots).view(2, -1).sum(1)
+
+    def solve(self, g: Tensor, damping: float) -> Tensor:
+        """``(F̂ + λI)⁻¹ g`` for a flat vector (``damping`` is ignored: the stored inverses
+        carry the damping of their refresh)."""
+        grads = [c.view(s) for c, s in zip(g.split(self.numels), self.shapes, strict=True)]
+        parts, _ = self.precondition(grads, curvature=False)
+        return torch.cat([p.reshape(-1) for p in parts])
 
     def state(self) -> dict[str, Any]:
         return {
@@ -206,11 +242,11 @@ class _RunningKFAC:
         }
 
     def load(self, state: Mapping[str, Any], fisher_template: KFACFisher) -> None:
-        self.blocks = [
+        blocks = [
             KroneckerBlock(b.module, b.weight, b.bias, a, g)
             for b, a, g in zip(fisher_template.blocks, state["A"], state["G"], strict=True)
         ]
-        self.diag_slices = list(fisher_template.diag_slices)
+        self._attach(blocks, fisher_template.diag_slices)
         self.diag_values = list(state["diag"])
         self.inverses = state["inverses"]
         self.inverse_damping = state["inverse_damping"]
@@ -326,6 +362,7 @@ class NGD(Optimizer):
         self.kfac_cov_interval, self.kfac_inv_interval = kfac_cov_interval, kfac_inv_interval
         self._params = list(self.param_groups[0]["params"])
         self.fmodel = FunctionalModel(model, self._params)
+        self._flat_params = [self.fmodel.params[n] for n in self.fmodel.names]  # flat order
         self._likelihood: Likelihood | None = (
             Likelihood(get_family(family), "mean") if family is not None else None
         )
@@ -413,7 +450,7 @@ class NGD(Optimizer):
             return op.mv, op.inverse_mv, info
         # running-average K-FAC
         if self._kfac is None:
-            self._kfac = _RunningKFAC(self.kfac_inverse)
+            self._kfac = _RunningKFAC(self.kfac_inverse, self._flat_params)
         due = step % self.kfac_cov_interval == 0
         if self._pending_kfac_state is not None:  # reattach loaded averages to the layers
             op = self._kfac_operator(inputs, targets, family, seed)
@@ -476,40 +513,32 @@ class NGD(Optimizer):
         lik = self._get_likelihood(inputs)
         s = lik.scale(batch_size(inputs))
 
-        with torch.no_grad():
-            g = torch.cat(
-                [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                    for p in (self.fmodel.params[n] for n in self.fmodel.names)
-                ]
-            )
         fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)
+        need_curvature = group["max_kl"] is not None or self.adaptive_damping
         with torch.no_grad():
-            d = fsolve(g, lam / s) / s  # (sF + λI)⁻¹ g
-            if group["momentum"]:
-                buf = st.get("momentum_buffer")
-                d = d if buf is None else group["momentum"] * buf + d
-                st["momentum_buffer"] = d.clone()
-            need_curvature = group["max_kl"] is not None or self.adaptive_damping
-            if not need_curvature:
-                dFd = math.nan
-            elif self.fisher == "kfac" and not group["momentum"]:
-                dFd = float(self._kfac.last_quad) / s**2  # d = x / s
+            params = self._flat_params
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if self.fisher == "kfac" and not group["momentum"]:
+                # per parameter, no flat vectors: d = x / s with x = (F̂ + (λ/s) I)⁻¹ g
+                parts, curv = self._kfac.precondition(grads, need_curvature)
+                part_scale = 1.0 / s
             else:
-                dFd = float(d @ fmv(d))
+                parts, curv = self._flat_direction(grads, fmv, fsolve, lam / s, s, need_curvature)
+                part_scale = 1.0
+            dFd = gd = math.nan  # dᵀFd and gᵀd of d = part_scale · parts
+            if curv is not None:
+                pFp, gp = curv.tolist()  # the one host sync of the step
+                dFd, gd = pFp * part_scale**2, gp * part_scale
             alpha = group["lr"]
-            kl_scale = None
             if group["max_kl"] is not None and dFd > 0 and math.isfinite(dFd):
                 kl_scale = math.sqrt(2 * group["max_kl"] / dFd)
                 alpha = kl_scale if alpha is None else min(alpha, kl_scale)
             if alpha is None:  # max_kl only, but no curvature along d: take no step
                 alpha = 0.0
-            delta = -alpha * d
-            for name, part in self.fmodel.unflatten(delta).items():
-                self.fmodel.params[name].add_(part)
+            torch._foreach_add_(params, parts, alpha=-alpha * part_scale)  # θ -= α d
             info.update(alpha=alpha, damping=lam)
             if need_curvature:
-                predicted = float(g @ delta) + 0.5 * s * alpha**2 * dFd
+                predicted = -alpha * gd + 0.5 * s * alpha**2 * dFd
                 info.update(kl=0.5 * alpha**2 * dFd, predicted_change=predicted)
 
         if self.adaptive_damping and loss is not None and predicted != 0:  # 0: no step taken
@@ -526,6 +555,27 @@ class NGD(Optimizer):
         st["step"] = k + 1
         self.last_info = info
         return loss
+
+    def _flat_direction(
+        self,
+        grads: list[Tensor],
+        fmv: Callable[[Tensor], Tensor],
+        fsolve: Callable[[Tensor, float], Tensor],
+        mu: float,
+        s: float,
+        curvature: bool,
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """The direction ``d = (sF + λI)⁻¹ g`` (plus momentum) on flat vectors, per parameter,
+        and with ``curvature`` the ``(2,)`` tensor ``[dᵀFd, gᵀd]``."""
+        group, st = self.param_groups[0], self._gstate()
+        g = torch.cat([t.reshape(-1) for t in grads])
+        d = fsolve(g, mu) / s  # (sF + λI)⁻¹ g
+        if group["momentum"]:
+            buf = st.get("momentum_buffer")
+            d = d if buf is None else group["momentum"] * buf + d
+            st["momentum_buffer"] = d.clone()
+        parts = list(self.fmodel.unflatten(d).values())
+        return parts, torch.stack((d @ fmv(d), g @ d)) if curvature else None
 
     def _reevaluate(self, closure, inputs: Inputs, targets: Tensor | None) -> Tensor:
         """The loss on the same batch after the step."""
@@ -562,4 +612,4 @@ class NGD(Optimizer):
             self._kfac = None
             self._pending_kfac_state = kfac
             if kfac is not None and self.fisher == "kfac":
-                self._kfac = _RunningKFAC(self.kfac_inverse)
+                self._kfac = _RunningKFAC(self.kfac_inverse, self._flat_params)

@@ -115,8 +115,8 @@ class KroneckerBlock:
         eye_a = torch.eye(da, dtype=self.A.dtype, device=self.A.device)
         eye_g = torch.eye(dg, dtype=self.G.dtype, device=self.G.device)
         try:
-            a_inv = torch.linalg.inv(self.A + pi * gamma * eye_a)
-            g_inv = torch.linalg.inv(self.G + gamma / pi * eye_g)
+            a_inv = _spd_inverse(self.A + pi * gamma * eye_a)
+            g_inv = _spd_inverse(self.G + gamma / pi * eye_g)
         except torch.linalg.LinAlgError:
             msg = "K-FAC factors are singular; pass damping > 0 to invert them"
             raise ValueError(msg) from None
@@ -188,8 +188,9 @@ class KFACFisher(DirectlyInvertible):
             a = _layer_rows(module, layer_in, with_bias=bslice is not None)  # (N, R, dA)
             g = _grad_rows(module, g, self.n, w.shape[1])  # (N, C, R, dG)
             r = a.shape[1]
-            A = torch.einsum("nri,nrj->ij", a, a) / (self.n * r)
-            G = torch.einsum("ncro,ncrp->op", g, g) / (self.n * norm)
+            a_rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            A = a_rows.T @ a_rows / (self.n * r)
+            G = g_rows.T @ g_rows / (self.n * norm)
             block = KroneckerBlock(module, wslice, bslice, A, G)
             if ekfac:
                 _, qa, _, qg = block.eig()
@@ -257,6 +258,15 @@ def block_diagonal_mv(
     return out
 
 
+def _spd_inverse(m: Tensor) -> Tensor:
+    """Inverse of a symmetric positive-definite matrix by Cholesky (about twice as fast as LU),
+    falling back to LU when ``m`` is not numerically positive definite."""
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(m))
+    except torch.linalg.LinAlgError:
+        return torch.linalg.inv(m)
+
+
 def _offsets(fmodel: FunctionalModel) -> dict[str, slice]:
     offsets, start = {}, 0
     for name, numel in zip(fmodel.names, fmodel.numels, strict=True):
@@ -317,6 +327,9 @@ def _backward_columns(out: Tensor, layer_outputs: list[Tensor], w: Tensor) -> li
     ``(C, *layer_output.shape)``. Rows are per-sample because samples do not interact."""
     if not layer_outputs:
         return []
+    if w.shape[1] == 1:  # one column: a plain backward pass (vmap costs more than it saves)
+        grads = torch.autograd.grad(out, layer_outputs, w[:, 0], retain_graph=True)
+        return [g.unsqueeze(0) for g in grads]
     try:  # all columns in one vmapped backward pass
         grads = torch.autograd.grad(
             out, layer_outputs, w.transpose(0, 1), retain_graph=True, is_grads_batched=True
