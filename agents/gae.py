@@ -35,17 +35,20 @@ def compute_gae(
     ``δ_t = r_t + γ V_next,t - V(s_t)``, ``A_t = δ_t + γλ (1 - done_t) A_{t+1}`` where
     ``V_next,t`` is ``0`` on termination, ``V(final_obs_t)`` on truncation, else ``V(s_{t+1})``.
     """
-    n_steps = rewards.shape[0]
-    adv = np.zeros_like(values)
+    next_values = np.concatenate([values[1:], last_values[None]])
+    next_values = np.where(truncated, final_values, next_values)
+    next_values = np.where(terminated, 0.0, next_values)
+    not_done = (~(terminated | truncated)).astype(values.dtype)
+    delta = rewards + gamma * next_values - values
+    decay = gamma * gae_lambda * not_done
+    if valid is not None:  # a dropped transition: A_t = 0 and nothing flows back past it
+        delta = np.where(valid, delta, 0.0).astype(values.dtype, copy=False)
+        decay = np.where(valid, decay, 0.0).astype(values.dtype, copy=False)
+    # the one sequential part, A_t = δ_t + γλ (1 - done_t) A_{t+1}, two ufunc calls per step
+    adv = np.empty_like(delta)
     running = np.zeros_like(last_values)
-    for t in range(n_steps - 1, -1, -1):
-        next_values = last_values if t == n_steps - 1 else values[t + 1]
-        next_values = np.where(truncated[t], final_values[t], next_values)
-        next_values = np.where(terminated[t], 0.0, next_values)
-        not_done = (~(terminated[t] | truncated[t])).astype(values.dtype)
-        delta = rewards[t] + gamma * next_values - values[t]
-        running = delta + gamma * gae_lambda * not_done * running
-        if valid is not None:
-            running = np.where(valid[t], running, 0.0)
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = np.multiply(decay[t], running, out=running)
+        running = np.add(delta[t], running, out=running)
         adv[t] = running
     return adv, adv + values
