@@ -19,7 +19,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename it over
+    ``path`` (:func:`replace_durably`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -28,11 +29,21 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)``, then fsync the folder so that the rename survives a crash."""
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

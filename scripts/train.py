@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents import ALGORITHMS, CheckpointManager, TrainingInterrupted  # noqa: E402
+from agents.checkpoint import replace_durably  # noqa: E402
 from agents.presets import get_preset  # noqa: E402
 
 # options of the agents that the CLI does not expose as flags
@@ -224,7 +225,9 @@ def truncate_metrics(path: Path, updates: int) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)
-    os.replace(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
