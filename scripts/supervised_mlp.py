@@ -3,7 +3,8 @@
 Standardised 8x8 digits (load_digits, no download), fixed stratified 75/25 split, a
 64-128-10 ReLU MLP, batches of 64, float32. Writes docs/supervised/mlp_*.{csv,png}.
 
-    .venv/bin/python scripts/supervised_mlp.py            # about 3-4 minutes on one core
+    .venv/bin/python scripts/supervised_mlp.py            # about 2 minutes on one quiet core
+    .venv/bin/python scripts/supervised_mlp.py --timing-only  # per-step timing and breakdown
 """
 
 from __future__ import annotations
@@ -146,10 +147,75 @@ def step_timing(sgd_cfg, kfac_cfgs: dict, data, rounds: int = 5, steps: int = 20
     return rows
 
 
+def step_breakdown(sgd_cfg, kfac_cfg, data, steps: int = 2000) -> None:
+    """Where a K-FAC step's time goes at batch 64: median microseconds of the closure alone,
+    of a whole SGD step, of K-FAC steps by kind (factors and inverses refreshed or not) and of
+    the eight matrix products a KL-clipped K-FAC step needs (``G⁻¹ M A⁻¹`` and ``G X A`` per
+    layer) run on their own. Steps of one kind are timed one by one, so these are medians of
+    single steps (timer overhead included), not the per-round means of :func:`step_timing`."""
+    xb, yb = data[0][:BATCH], data[1][:BATCH]
+    loss_fn = nn.CrossEntropyLoss()
+
+    def median_us(fn, n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    rows = []
+    model = new_model()
+    sgd = sgd_cfg(model, loss_fn)
+    closure = make_closure(sgd, model, loss_fn, xb, yb)
+    rows.append(
+        dict(part="closure (zero_grad, forward, loss, backward)", us=median_us(closure, steps))
+    )
+    rows.append(
+        dict(part="SGD step (closure included)", us=median_us(lambda: sgd.step(closure), steps))
+    )
+    model = new_model()
+    opt = kfac_cfg(model, loss_fn)
+    closure = make_closure(opt, model, loss_fn, xb, yb)
+    by_kind: dict[str, list[float]] = {}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step(closure, inputs=xb, targets=yb)
+        dt = time.perf_counter() - t0
+        info = opt.last_info
+        kind = ("factors" if info.get("kfac_factors_updated") else "") + (
+            "+inverses" if info.get("kfac_inverses_updated") else ""
+        )
+        by_kind.setdefault(kind or "neither", []).append(dt)
+    for kind, times in by_kind.items():
+        rows.append(
+            dict(
+                part=f"K-FAC step, {kind} refreshed ({len(times)} of {steps})",
+                us=1e6 * statistics.median(times),
+            )
+        )
+    mats = []
+    for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        dg, da = layer.out_features, layer.in_features + 1
+        mats.append([torch.randn(dg, dg), torch.randn(dg, da), torch.randn(da, da)])
+
+    def products():
+        for g, m, a in mats:
+            x = g @ m @ a  # G⁻¹ M A⁻¹
+            g @ x @ a  # G X A
+
+    rows.append(dict(part="the 8 matrix products alone", us=median_us(products, steps)))
+    print(f"\nWhere the time of a K-FAC step goes (batch {BATCH}, medians of single steps, us):")
+    print_table(rows, ["part", "us"], {"us": "{:.0f}"})
+    write_csv("mlp_step_breakdown.csv", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--timing-only", action="store_true", help="only the per-step timing")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only the per-step timing and its breakdown"
+    )
     args = parser.parse_args()
     setup()
     data = load()
@@ -195,6 +261,7 @@ def main() -> None:
 
     if args.timing_only:
         step_timing(configs["SGD lr=0.1"], timing_configs(TIMED_KFAC), data)
+        step_breakdown(configs["SGD lr=0.1"], configs[TIMED_KFAC], data)
         return
     runs = {}
     for name, make in configs.items():
@@ -272,6 +339,7 @@ def main() -> None:
     write_csv("mlp_summary.csv", summary)
 
     timing = step_timing(configs["SGD lr=0.1"], timing_configs(best_kfac), data)
+    step_breakdown(configs["SGD lr=0.1"], configs[best_kfac], data)
     kfac_epochs = epochs_to_stay(best_kfac, adam_final)
     print(
         f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
