@@ -24,11 +24,12 @@ Gauss-Newton step of the loss (Newton's method for a GLM with its canonical link
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from torch.optim import Optimizer
 
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression, get_family
 from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, KFACFisher, MCFisher
-from npg.fisher.kfac import KroneckerBlock, block_diagonal_mv
+from npg.fisher.kfac import ClosureFactors, KroneckerBlock, block_diagonal_mv
 from npg.model import FunctionalModel, Inputs, batch_size
 
 FISHERS = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
@@ -179,10 +180,23 @@ class _RunningKFAC:
             self._attach(blocks, fisher.diag_slices)
             self.diag_values = [d.clone() for d in fisher.diag_values]
             return
-        # in place, one op for all factors: F̂ ← decay·F̂ + (1 - decay)·F_batch
+        self.fold([(b.A, b.G) for b in fisher.blocks], fisher.diag_values, decay)
+
+    def fold(
+        self, factors: Sequence[tuple[Tensor, Tensor]], diag: Sequence[Tensor], decay: float
+    ) -> None:
+        """Fold one batch's ``(A, G)`` per block and diagonal blocks into the averages, in
+        place and in one op for all factors: ``F̂ ← decay·F̂ + (1 - decay)·F_batch``."""
         mine = [t for b in self.blocks for t in (b.A, b.G)] + self.diag_values
-        new = [t for b in fisher.blocks for t in (b.A, b.G)] + list(fisher.diag_values)
+        new = [t for pair in factors for t in pair] + list(diag)
         torch._foreach_lerp_(mine, new, 1 - decay)
+
+    def closure_layers(self) -> list[tuple[nn.Module, bool]] | None:
+        """``(module, with_bias)`` per block when every parameter is in a Kronecker block (the
+        factors can then come from the closure's forward pass), else ``None``."""
+        if not self.blocks or self.diag_slices:
+            return None
+        return [(b.module, b.bias is not None) for b in self.blocks]
 
     def refresh_inverses(self, damping: float) -> None:
         """Recompute the damped inverses of the current averages."""
@@ -369,6 +383,7 @@ class NGD(Optimizer):
         self._batch: tuple[Inputs | None, Tensor | None] = (None, None)
         self._kfac: _RunningKFAC | None = None
         self._pending_kfac_state: Mapping[str, Any] | None = None
+        self._captured_factors: list[tuple[Tensor, Tensor]] | None = None
         self.last_info: dict[str, Any] = {}
 
     # --- batch and likelihood ------------------------------------------------------------------
@@ -408,11 +423,41 @@ class NGD(Optimizer):
         return self.state[_STATE_KEY]
 
     # --- curvature -----------------------------------------------------------------------------
+    def _closure_factors(
+        self, inputs: Inputs, targets: Tensor | None, family: Family, step: int
+    ) -> ClosureFactors | None:
+        """The capture of this step's K-FAC factors from the closure's forward pass, when the
+        running factors are due for a refresh and every parameter is in a Kronecker block.
+        A subclass that customises :meth:`_kfac_operator` (``DistributedNGD`` reduces the
+        factors across ranks) keeps building them that way."""
+        if (
+            self.fisher != "kfac"
+            or self._kfac is None
+            or self._pending_kfac_state is not None
+            or type(self)._kfac_operator is not NGD._kfac_operator
+        ):
+            return None
+        layers = self._kfac.closure_layers()
+        if layers is None or step % self.kfac_cov_interval != 0:
+            return None
+        return ClosureFactors(
+            self.model,
+            layers,
+            inputs,
+            family,
+            self.kfac_labels,
+            targets,
+            self.n_samples,
+            self.seed + step,
+        )
+
     def _curvature(
         self, inputs: Inputs, targets: Tensor | None, family: Family, step: int, mu: float
     ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor, float], Tensor], dict]:
         """``(F mv, (F + μI)⁻¹ solver, info)`` for this step's Fisher flavour; ``mu`` is the
-        damping on the Fisher's scale (K-FAC inverses are refreshed with it)."""
+        damping on the Fisher's scale (K-FAC inverses are refreshed with it). K-FAC takes this
+        batch's factors from :attr:`_captured_factors` when the closure's forward pass gave
+        them."""
         group = self.param_groups[0]
         seed = self.seed + step
         common = dict(params=self._params)
@@ -459,6 +504,9 @@ class NGD(Optimizer):
             if due:
                 self._kfac.update(op, self.kfac_decay)
                 info["kfac_factors_updated"] = True
+        elif self._captured_factors is not None:
+            self._kfac.fold(self._captured_factors, (), self.kfac_decay)
+            info.update(kfac_factors_updated=True, kfac_factors_from_closure=True)
         elif due or not self._kfac.blocks:
             self._kfac.update(self._kfac_operator(inputs, targets, family, seed), self.kfac_decay)
             info["kfac_factors_updated"] = True
@@ -503,17 +551,20 @@ class NGD(Optimizer):
             raise ValueError("NGD.step needs the batch: step(closure, inputs=x, targets=y)")
         if closure is None and self.adaptive_damping:
             raise ValueError("adaptive damping needs a closure to measure the loss reduction")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         group = self.param_groups[0]
         st = self._gstate()
         k, lam = int(st["step"]), float(st["damping"])
         lik = self._get_likelihood(inputs)
         s = lik.scale(batch_size(inputs))
+        loss, capture = None, None
+        if closure is not None:
+            capture = self._closure_factors(inputs, targets, lik.family, k)
+            with torch.enable_grad(), capture or contextlib.nullcontext():
+                loss = closure()
 
+        self._captured_factors = capture.factors if capture is not None else None
         fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)
+        self._captured_factors = None
         need_curvature = group["max_kl"] is not None or self.adaptive_damping
         with torch.no_grad():
             params = self._flat_params

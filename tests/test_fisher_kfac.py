@@ -24,8 +24,10 @@ from conftest import (
 from torch import Tensor, nn
 
 from npg import make_fisher
-from npg.families import Categorical, Family, GaussianRegression
+from npg.families import Bernoulli, Categorical, Family, GaussianRegression
 from npg.fisher import KFACFisher
+from npg.fisher._per_sample import output_scores
+from npg.fisher.kfac import ClosureFactors
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -347,3 +349,55 @@ def test_kronecker_eigenbasis_follows_factor_updates() -> None:
     assert eig_matches()
     block.G.mul_(3.0).add_(torch.eye(block.G.shape[0], dtype=torch.float64))  # in place
     assert eig_matches()
+
+
+@pytest.mark.parametrize("fid", ["categorical", "bernoulli", "regression", "gauss_out_std"])
+def test_output_scores_closed_forms_equal_autograd(fid: str) -> None:
+    """The closed-form scores (Categorical, Bernoulli, GaussianRegression; autograd otherwise)
+    against autograd through ``torch.distributions``' log-density."""
+    model, x, family = make_case("mlp_tanh", fid, n=6)
+    out = model(x).detach()
+    y = torch_sample(family, out, seed=4)
+    leaf = out.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch_log_prob(family, leaf, y).sum(), leaf)
+    assert_close(output_scores(family, out, y), expected)
+    assert type(family) in (Categorical, Bernoulli, GaussianRegression) or fid == "gauss_out_std"
+
+
+@pytest.mark.parametrize("labels", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize("arch", ["mlp_tanh", "conv"])
+def test_closure_factors_equal_kfac_fisher(arch: str, labels: str) -> None:
+    """Factors captured from a closure's forward pass (and its graph, still good for the
+    closure's own backward) equal :class:`KFACFisher`'s on the same batch."""
+    model, x, family = make_case(arch, "categorical", n=4)
+    y = torch_sample(family, model(x), seed=2)
+    op = make_fisher("kfac", model, x, family, kfac_labels=labels, targets=y, n_samples=2, seed=7)
+    layers = [(m, m.bias is not None) for m, _, _ in op.kronecker_factors()]
+    model.zero_grad()
+    reference_grads = torch.autograd.grad(F.cross_entropy(model(x), y), model.parameters())
+    with ClosureFactors(model, layers, x, family, labels, y, 2, 7) as capture:
+        F.cross_entropy(model(x), y).backward()
+    assert capture.factors is not None
+    for (A, G), (_, A_ref, G_ref) in zip(capture.factors, op.kronecker_factors(), strict=True):
+        assert_close(A, A_ref)
+        assert_close(G, G_ref)
+    for p, g in zip(model.parameters(), reference_grads, strict=True):
+        assert_close(p.grad, g)
+    assert all(not m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def test_closure_factors_fall_back_on_other_inputs_or_repeated_layers() -> None:
+    model, x, family = make_case("mlp_tanh", "categorical", n=4)
+    layers = [(m, True) for m in model.modules() if isinstance(m, nn.Linear)]
+    with ClosureFactors(model, layers, x, family, "exact", None, 1, 0) as capture:
+        model(x.clone())  # not the batch the optimizer was given
+    assert capture.factors is None
+    with ClosureFactors(model, layers, x, family, "exact", None, 1, 0) as capture:
+        model(x)
+        model(x)  # later calls are ignored: the first one gave the factors
+    assert capture.factors is not None
+    block = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    twice = nn.Sequential(block, block)  # one layer called twice in one forward
+    with ClosureFactors(twice, [(block[0], True)], x, family, "exact", None, 1, 0) as capture:
+        twice(x)
+    assert capture.factors is None

@@ -509,6 +509,39 @@ def test_per_parameter_kfac_step_equals_the_flat_path() -> None:
     assert any(i["alpha"] < 3.0 for i in lean_infos)  # the KL clip was active
 
 
+def test_kfac_factors_from_the_closure_equal_the_general_path() -> None:
+    """On factor-refresh steps K-FAC reads the factors from the closure's own forward pass when
+    the closure calls the model on the ``inputs`` given to ``step``; a closure that calls it on
+    a copy makes it build them with :class:`KFACFisher` instead. The two runs must agree."""
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [_data(n=16, seed=s) for s in range(7)]
+    runs = []
+    for copy_inputs in (False, True):
+        model = _mlp()
+        opt = NGD(
+            model.parameters(),
+            model=model,
+            loss_fn=loss_fn,
+            lr=3.0,
+            max_kl=1e-3,
+            damping=1e-2,
+            kfac_labels="mc",
+            kfac_cov_interval=2,
+            kfac_inv_interval=3,
+            seed=3,
+        )
+        fused = []
+        for x, y in batches:
+            seen = x.clone() if copy_inputs else x
+            opt.step(_closure(opt, model, loss_fn, seen, y), inputs=x, targets=y)
+            fused.append(opt.last_info.get("kfac_factors_from_closure", False))
+        runs.append((_flat(model), fused))
+    (lean, lean_fused), (general, general_fused) = runs
+    torch.testing.assert_close(lean, general, rtol=1e-10, atol=1e-12)
+    assert lean_fused == [False, False, True, False, True, False, True]  # the first builds blocks
+    assert not any(general_fused)
+
+
 @pytest.mark.parametrize("flavour", ["kfac", "exact"])
 def test_parameter_order_does_not_matter(flavour: str) -> None:
     x, y = _data()

@@ -8,17 +8,31 @@ the score of the observed label, the score of sampled labels, or the columns of 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
-from npg.families import Family
+from npg.families import Bernoulli, Categorical, Family, GaussianRegression
 from npg.fisher.base import FisherOperator
 from npg.model import FunctionalModel, Inputs
 
 
 def output_scores(family: Family, out: Tensor, y: Tensor) -> Tensor:
-    """``∂ log p(y_i | out_i) / ∂ out_i`` for every row, shape ``(N, K)``."""
-    out = out.detach().requires_grad_(True)
+    """``∂ log p(y_i | out_i) / ∂ out_i`` for every row, shape ``(N, K)``.
+
+    In closed form for ``Categorical`` (``onehot(y) - softmax(out)``), ``Bernoulli``
+    (``y - sigmoid(out)``) and ``GaussianRegression`` (``(y - out)/σ²``); by autograd through
+    ``log_prob`` for any other family (or subclass, which may redefine ``log_prob``).
+    """
+    out = out.detach()
+    kind = type(family)
+    if kind is Categorical:
+        return F.one_hot(y.long(), out.shape[-1]).to(out.dtype) - torch.softmax(out, -1)
+    if kind is Bernoulli:
+        return y.to(out.dtype).reshape(out.shape) - torch.sigmoid(out)
+    if kind is GaussianRegression:
+        return (y.to(out.dtype).reshape(out.shape) - out) / family.sigma**2
+    out.requires_grad_(True)
     with torch.enable_grad():
         (score,) = torch.autograd.grad(family.log_prob(out, y).sum(), out)
     return score

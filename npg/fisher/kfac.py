@@ -112,11 +112,9 @@ class KroneckerBlock:
         ta, tg = float(torch.trace(self.A)) / da, float(torch.trace(self.G)) / dg
         pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
         gamma = math.sqrt(damping)
-        eye_a = torch.eye(da, dtype=self.A.dtype, device=self.A.device)
-        eye_g = torch.eye(dg, dtype=self.G.dtype, device=self.G.device)
-        try:
-            a_inv = torch.linalg.inv(self.A + pi * gamma * eye_a)
-            g_inv = torch.linalg.inv(self.G + gamma / pi * eye_g)
+        try:  # the damped factors are symmetric positive definite: invert by Cholesky
+            a_inv = _spd_inverse(self.A, pi * gamma)
+            g_inv = _spd_inverse(self.G, gamma / pi)
         except torch.linalg.LinAlgError:
             msg = "K-FAC factors are singular; pass damping > 0 to invert them"
             raise ValueError(msg) from None
@@ -180,17 +178,12 @@ class KFACFisher(DirectlyInvertible):
         captured = [captured[id(m)] for m, _, _ in layers]
         covered = {p for m, _, _ in layers for p in _param_names(model, m)}
         other = [n for n in self.fmodel.names if n not in covered]
-        w, norm = self._output_vectors(out.detach(), targets, n_samples, seed)
+        w, norm = _output_vectors(self.family, labels, out.detach(), targets, n_samples, seed)
         grads = _backward_columns(out, [o for _, o in captured], w)
 
         self.blocks: list[KroneckerBlock] = []
         for (module, wslice, bslice), (layer_in, _), g in zip(layers, captured, grads, strict=True):
-            a = _layer_rows(module, layer_in, with_bias=bslice is not None)  # (N, R, dA)
-            g = _grad_rows(module, g, self.n, w.shape[1])  # (N, C, R, dG)
-            r = a.shape[1]
-            a_rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-            A = a_rows.T @ a_rows / (self.n * r)
-            G = g_rows.T @ g_rows / (self.n * norm)
+            a, g, A, G = _factors(module, layer_in, g, bslice is not None, norm)
             block = KroneckerBlock(module, wslice, bslice, A, G)
             if ekfac:
                 _, qa, _, qg = block.eig()
@@ -205,15 +198,6 @@ class KFACFisher(DirectlyInvertible):
             self.diag_values = d.split([s.stop - s.start for s in self.diag_slices])
         else:
             self.diag_values = ()
-
-    def _output_vectors(self, out, targets, n_samples, seed) -> tuple[Tensor, int]:
-        """Output-space vectors ``w_ic`` (N, C, K) to backpropagate, and the 1/C normaliser."""
-        if self.labels == "exact":
-            return self.family.fisher_out_sqrt(out).transpose(1, 2), 1
-        if self.labels == "mc":
-            gen = torch.Generator(device=out.device).manual_seed(seed)
-            return sampled_scores(self.family, out, n_samples, gen), n_samples
-        return output_scores(self.family, out, targets).unsqueeze(1), 1
 
     # --- products ------------------------------------------------------------------------------
     def _mv(self, v: Tensor) -> Tensor:
@@ -245,7 +229,109 @@ class KFACFisher(DirectlyInvertible):
         return [(b.module, b.A, b.G) for b in self.blocks]
 
 
+class ClosureFactors:
+    """K-FAC factors of known layers from the forward pass that an optimizer's closure makes.
+
+    A context manager: while it is active, forward hooks record the layers' inputs and outputs,
+    and when ``model`` is called on exactly ``inputs`` (the same tensor objects) the label
+    vectors of its output are backpropagated to the layer outputs through the closure's own
+    graph (kept for the closure's backward), giving the factors :class:`KFACFisher` would build
+    on that batch without a forward pass of its own. :attr:`factors` stays ``None`` when that
+    did not happen (the model called on other inputs first, a layer not called exactly once,
+    no graph); the caller then builds the factors the general way.
+
+    Args:
+        model: the module the closure calls.
+        layers: ``(module, with_bias)`` per Kronecker block, in block order.
+        inputs, family, labels, targets, n_samples, seed: as for :class:`KFACFisher`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[tuple[nn.Module, bool]],
+        inputs,
+        family,
+        labels: str,
+        targets: Tensor | None,
+        n_samples: int,
+        seed: int,
+    ) -> None:
+        self.model, self.layers = model, layers
+        self.inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        self.label_args = (family, labels, targets, n_samples, seed)
+        self.factors: list[tuple[Tensor, Tensor]] | None = None
+        self._captured: dict[int, tuple[Tensor, Tensor]] = {}
+        self._calls: dict[int, int] = {}
+        self._model_called = False
+        self._handles: list = []
+
+    def __enter__(self) -> ClosureFactors:
+        self._handles = [m.register_forward_hook(self._on_layer) for m, _ in self.layers]
+        self._handles.append(self.model.register_forward_hook(self._on_model))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._captured = [], {}
+
+    def _on_layer(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not self._model_called:
+            self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+            self._captured.setdefault(id(module), (args[0].detach(), output))
+
+    def _on_model(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        if self._model_called:
+            return
+        self._model_called = True
+        same_inputs = len(args) == len(self.inputs) and all(
+            a is b for a, b in zip(args, self.inputs, strict=False)
+        )
+        once = all(self._calls.get(id(m)) == 1 for m, _ in self.layers)
+        if not (same_inputs and once and out.ndim == 2 and out.requires_grad):
+            return
+        family, labels, targets, n_samples, seed = self.label_args
+        w, norm = _output_vectors(family, labels, out.detach(), targets, n_samples, seed)
+        captured = [self._captured[id(m)] for m, _ in self.layers]
+        grads = _backward_columns(out, [o for _, o in captured], w)
+        self.factors = [
+            _factors(m, layer_in, g, with_bias, norm)[2:]
+            for (m, with_bias), (layer_in, _), g in zip(self.layers, captured, grads, strict=True)
+        ]
+
+
 # --- helpers -------------------------------------------------------------------------------------
+def _spd_inverse(m: Tensor, shift: float) -> Tensor:
+    """``(m + shift·I)⁻¹`` of a symmetric positive semi-definite ``m`` (Cholesky)."""
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(m + shift * eye))
+
+
+def _output_vectors(
+    family, labels: str, out: Tensor, targets: Tensor | None, n_samples: int, seed: int
+) -> tuple[Tensor, int]:
+    """Output-space vectors ``w_ic`` (N, C, K) to backpropagate, and the 1/C normaliser."""
+    if labels == "exact":
+        return family.fisher_out_sqrt(out).transpose(1, 2), 1
+    if labels == "mc":
+        gen = torch.Generator(device=out.device).manual_seed(seed)
+        return sampled_scores(family, out, n_samples, gen), n_samples
+    return output_scores(family, out, targets).unsqueeze(1), 1
+
+
+def _factors(
+    module: nn.Module, layer_in: Tensor, g: Tensor, with_bias: bool, norm: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, g, A, G)``: one layer's input rows ``a`` (N, R, dA), output-gradient rows ``g``
+    (N, C, R, dG) from its ``(C, N, ...)`` output gradients, and its factors ``A``, ``G``."""
+    n = layer_in.shape[0]
+    a = _layer_rows(module, layer_in, with_bias)
+    g = _grad_rows(module, g, n, g.shape[0])
+    a_rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    return a, g, a_rows.T @ a_rows / (n * a.shape[1]), g_rows.T @ g_rows / (n * norm)
+
+
 def block_diagonal_mv(
     blocks: list[KroneckerBlock], diag_slices: list[slice], diag_values, v: Tensor
 ) -> Tensor:
