@@ -5,6 +5,7 @@ Standardised 8x8 digits (load_digits, no download), fixed stratified 75/25 split
 
     .venv/bin/python scripts/supervised_mlp.py            # about 2 minutes on one quiet core
     .venv/bin/python scripts/supervised_mlp.py --timing-only  # per-step timing and breakdown
+    .venv/bin/python scripts/supervised_mlp.py --seeds 0 1 2  # Adam vs K-FAC over init seeds
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def load() -> tuple[torch.Tensor, ...]:
     return as_x(xtr), torch.tensor(ytr), as_x(xte), torch.tensor(yte)
 
 
-def new_model() -> nn.Module:
-    torch.manual_seed(0)
+def new_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
 
 
@@ -45,10 +46,11 @@ def evaluate(model, x, y, loss_fn) -> tuple[float, float]:
         return float(loss_fn(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def train(name: str, make_opt, data, epochs: int) -> list[dict]:
+def train(name: str, make_opt, data, epochs: int, seed: int = 0) -> list[dict]:
+    """Per-epoch metrics of one run; ``seed`` initialises the model (the shuffles are fixed)."""
     xtr, ytr, xte, yte = data
     loss_fn = nn.CrossEntropyLoss()
-    model = new_model()
+    model = new_model(seed)
     opt = make_opt(model, loss_fn)
     gen = torch.Generator().manual_seed(1)
     n = xtr.shape[0]
@@ -91,6 +93,75 @@ def train(name: str, make_opt, data, epochs: int) -> list[dict]:
         if not rows[-1]["train_loss"] < 1e3:
             break
     return rows
+
+
+def epochs_to(rows: list[dict], target: float) -> int | None:
+    """First epoch at or below ``target``."""
+    return next((r["epoch"] for r in rows if r["train_loss"] <= target), None)
+
+
+def epochs_to_stay(rows: list[dict], target: float) -> int | None:
+    """First epoch from which the train loss stays at or below ``target`` to the end."""
+    below = [r["train_loss"] <= target for r in rows]
+    return next((r["epoch"] for i, r in enumerate(rows) if all(below[i:])), None)
+
+
+def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
+    """Per model-initialisation seed: Adam's final train loss at its best lr of the grid, and
+    the epochs every K-FAC config needs to get (and stay) below it; medians over the seeds."""
+    rows = []
+    for seed in seeds:
+        adam = {n: train(n, c, data, epochs, seed) for n, c in configs.items() if "Adam" in n}
+        best_adam = min(adam, key=lambda n: adam[n][-1]["train_loss"])
+        target = adam[best_adam][-1]["train_loss"]
+        for name in (n for n in configs if n.startswith("K-FAC")):
+            run = train(name, configs[name], data, epochs, seed)
+            rows.append(
+                dict(
+                    seed=seed,
+                    adam=best_adam,
+                    adam_final_loss=target,
+                    optimizer=name,
+                    final_train_loss=run[-1]["train_loss"],
+                    test_acc=run[-1]["test_acc"],
+                    epoch_first=epochs_to(run, target) or epochs + 1,
+                    epoch_staying=epochs_to_stay(run, target) or epochs + 1,
+                )
+            )
+            print(
+                f"seed {seed}: {best_adam} final {target:.3e}; {name}: first "
+                f"{rows[-1]['epoch_first']} staying {rows[-1]['epoch_staying']} test acc "
+                f"{rows[-1]['test_acc']:.4f}",
+                flush=True,
+            )
+    for name in dict.fromkeys(r["optimizer"] for r in rows):
+        mine = [r for r in rows if r["optimizer"] == name]
+        rows.append(
+            dict(
+                seed="median",
+                optimizer=name,
+                final_train_loss=statistics.median(r["final_train_loss"] for r in mine),
+                test_acc=statistics.median(r["test_acc"] for r in mine),
+                epoch_first=statistics.median(r["epoch_first"] for r in mine),
+                epoch_staying=statistics.median(r["epoch_staying"] for r in mine),
+            )
+        )
+    print(f"\nEpochs to Adam's final train loss per seed ({epochs + 1} = not within {epochs}):")
+    print_table(
+        rows,
+        [
+            "seed",
+            "adam",
+            "adam_final_loss",
+            "optimizer",
+            "final_train_loss",
+            "test_acc",
+            "epoch_first",
+            "epoch_staying",
+        ],
+        {"adam_final_loss": "{:.2e}", "final_train_loss": "{:.2e}", "test_acc": "{:.4f}"},
+    )
+    write_csv("mlp_seeds.csv", rows)
 
 
 def time_per_step(make_opt, data, steps: int, batch: int = BATCH) -> float:
@@ -216,6 +287,12 @@ def main() -> None:
     parser.add_argument(
         "--timing-only", action="store_true", help="only the per-step timing and its breakdown"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="only the seed study: Adam's grid and the K-FAC configs for these init seeds",
+    )
     args = parser.parse_args()
     setup()
     data = load()
@@ -248,6 +325,9 @@ def main() -> None:
         "K-FAC lr=0.3": ngd("kfac", 0.3, 1e-1, **kfac_kw),
         "K-FAC lr=1 KL<=1e-3 damping=1e-2": ngd("kfac", 1.0, 1e-2, max_kl=1e-3, **kfac_kw),
         "K-FAC lr=1 KL<=1e-3 damping=1e-3": ngd("kfac", 1.0, 1e-3, max_kl=1e-3, **kfac_kw),
+        "K-FAC lr=1 KL<=1e-3 damping=1e-2 factors/20": ngd(
+            "kfac", 1.0, 1e-2, max_kl=1e-3, **{**kfac_kw, "kfac_cov_interval": 20}
+        ),
     }
 
     def timing_configs(best_name: str) -> dict:
@@ -259,6 +339,9 @@ def main() -> None:
             ),
         }
 
+    if args.seeds:
+        seed_study(configs, data, epochs, args.seeds)
+        return
     if args.timing_only:
         step_timing(configs["SGD lr=0.1"], timing_configs(TIMED_KFAC), data)
         step_breakdown(configs["SGD lr=0.1"], configs[TIMED_KFAC], data)
@@ -282,25 +365,9 @@ def main() -> None:
     best_adam = best("Adam")
     adam_final = runs[best_adam][-1]["train_loss"]
 
-    def epochs_to(name, target):
-        """First epoch at or below ``target``."""
-        return next((r["epoch"] for r in runs[name] if r["train_loss"] <= target), None)
-
-    def epochs_to_stay(name, target):
-        """First epoch from which the train loss stays at or below ``target`` to the end."""
-        rows = runs[name]
-        return next(
-            (
-                r["epoch"]
-                for i, r in enumerate(rows)
-                if all(x["train_loss"] <= target for x in rows[i:])
-            ),
-            None,
-        )
-
     # headline K-FAC: the one that gets (and stays) below Adam's final loss first
     kfacs = [n for n in runs if n.startswith("K-FAC")]
-    best_kfac = min(kfacs, key=lambda n: epochs_to_stay(n, adam_final) or 10**9)
+    best_kfac = min(kfacs, key=lambda n: epochs_to_stay(runs[n], adam_final) or 10**9)
 
     summary = []
     for name, rows in runs.items():
@@ -312,8 +379,8 @@ def main() -> None:
                 final_train_loss=r["train_loss"],
                 test_acc=r["test_acc"],
                 best_test_acc=max(x["test_acc"] for x in rows),
-                epochs_to_adam_final=epochs_to(name, adam_final) or f"> {r['epoch']}",
-                epochs_to_stay_below=epochs_to_stay(name, adam_final) or f"> {r['epoch']}",
+                epochs_to_adam_final=epochs_to(runs[name], adam_final) or f"> {r['epoch']}",
+                epochs_to_stay_below=epochs_to_stay(runs[name], adam_final) or f"> {r['epoch']}",
                 ms_per_step=1e3 * r["time"] / r["step"],
             )
         )
@@ -340,7 +407,7 @@ def main() -> None:
 
     timing = step_timing(configs["SGD lr=0.1"], timing_configs(best_kfac), data)
     step_breakdown(configs["SGD lr=0.1"], configs[best_kfac], data)
-    kfac_epochs = epochs_to_stay(best_kfac, adam_final)
+    kfac_epochs = epochs_to_stay(runs[best_kfac], adam_final)
     print(
         f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
         f"{best_kfac} gets below it for good at epoch {kfac_epochs} "
