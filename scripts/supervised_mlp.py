@@ -24,7 +24,9 @@ from torch import nn
 from npg.optim import NGD
 
 BATCH, HIDDEN = 64, 128
-TIMED_KFAC = "K-FAC lr=1 KL<=1e-3 damping=1e-2"  # the headline K-FAC of the recorded run
+# the headline K-FAC, chosen by the seed study (median and worst epochs over init seeds 0-4),
+# not by the single seed-0 run, whose epoch counts are chaotic
+HEADLINE_KFAC = "K-FAC lr=1 KL<=1e-3 damping=1e-2"
 
 
 def load() -> tuple[torch.Tensor, ...]:
@@ -330,21 +332,19 @@ def main() -> None:
         ),
     }
 
-    def timing_configs(best_name: str) -> dict:
-        cov20 = {**kfac_kw, "kfac_cov_interval": 20}
-        return {
-            f"{best_name} (factors/10, inverses/20)": configs[best_name],
-            "K-FAC lr=0.3 damping=0.1, no KL clip (factors/20, inverses/20)": ngd(
-                "kfac", 0.3, 1e-1, **cov20
-            ),
-        }
+    timing_configs = {
+        f"{HEADLINE_KFAC} (factors/10, inverses/20)": configs[HEADLINE_KFAC],
+        "K-FAC lr=0.3 damping=0.1, no KL clip (factors/20, inverses/20)": ngd(
+            "kfac", 0.3, 1e-1, **{**kfac_kw, "kfac_cov_interval": 20}
+        ),
+    }
 
     if args.seeds:
         seed_study(configs, data, epochs, args.seeds)
         return
     if args.timing_only:
-        step_timing(configs["SGD lr=0.1"], timing_configs(TIMED_KFAC), data)
-        step_breakdown(configs["SGD lr=0.1"], configs[TIMED_KFAC], data)
+        step_timing(configs["SGD lr=0.1"], timing_configs, data)
+        step_breakdown(configs["SGD lr=0.1"], configs[HEADLINE_KFAC], data)
         return
     runs = {}
     for name, make in configs.items():
@@ -365,9 +365,7 @@ def main() -> None:
     best_adam = best("Adam")
     adam_final = runs[best_adam][-1]["train_loss"]
 
-    # headline K-FAC: the one that gets (and stays) below Adam's final loss first
-    kfacs = [n for n in runs if n.startswith("K-FAC")]
-    best_kfac = min(kfacs, key=lambda n: epochs_to_stay(runs[n], adam_final) or 10**9)
+    headline = HEADLINE_KFAC  # fixed by the seed study, not by this run
 
     summary = []
     for name, rows in runs.items():
@@ -405,18 +403,18 @@ def main() -> None:
     )
     write_csv("mlp_summary.csv", summary)
 
-    timing = step_timing(configs["SGD lr=0.1"], timing_configs(best_kfac), data)
-    step_breakdown(configs["SGD lr=0.1"], configs[best_kfac], data)
-    kfac_epochs = epochs_to_stay(runs[best_kfac], adam_final)
+    timing = step_timing(configs["SGD lr=0.1"], timing_configs, data)
+    step_breakdown(configs["SGD lr=0.1"], configs[headline], data)
+    kfac_epochs = epochs_to_stay(runs[headline], adam_final)
     print(
         f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
-        f"{best_kfac} gets below it for good at epoch {kfac_epochs} "
+        f"{headline} gets below it for good at epoch {kfac_epochs} "
         f"({'n/a' if kfac_epochs is None else f'{kfac_epochs / epochs:.2f}'} of Adam's epochs); "
-        f"final test accuracy {runs[best_kfac][-1]['test_acc']:.4f}; per-step time ratio "
+        f"final test accuracy {runs[headline][-1]['test_acc']:.4f}; per-step time ratio "
         f"K-FAC/SGD at batch {BATCH}: {timing[0]['ratio']:.2f}."
     )
 
-    shown = [best("SGD"), best_adam, *[n for n in runs if n.startswith("NGD")], best_kfac]
+    shown = [best("SGD"), best_adam, *[n for n in runs if n.startswith("NGD")], headline]
     for key, label in (("epoch", "epoch"), ("time", "wall-clock (s)")):
         plot_curves(
             f"mlp_train_loss_vs_{key}.png",
