@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
-SCRIPTED_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+from npg.model import find_linear_stack
 
 
 def _fit(
@@ -98,33 +98,24 @@ def _scripted_fit():
 def scripted_activation(critic: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """The activation name if ``critic``/``optimizer`` can use the scripted fit, else ``None``.
 
-    It needs an ``nn.Sequential`` of ``Linear`` layers with one tanh or ReLU kind between them
-    and a scalar output, and a plain ``torch.optim.Adam`` over exactly its parameters.
+    It needs an ``nn.Sequential`` MLP (:func:`npg.model.find_linear_stack`) with a scalar output
+    and a plain ``torch.optim.Adam`` over exactly its parameters.
     """
-    if not isinstance(critic, nn.Sequential) or type(optimizer) is not torch.optim.Adam:
+    stack = find_linear_stack(critic) if isinstance(critic, nn.Sequential) else None
+    if stack is None or stack.layers[-1].out_features != 1:
         return None
-    linears = list(critic)[::2]
-    acts = {type(m) for m in list(critic)[1::2]}
-    if (
-        len(critic) % 2 != 1
-        or not all(type(m) is nn.Linear and m.bias is not None for m in linears)
-        or linears[-1].out_features != 1
-        or len(acts) > 1
-        or not acts <= set(SCRIPTED_ACTIVATIONS)
-    ):
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return None
-    group = optimizer.param_groups
-    options = group[0]
+    options = optimizer.param_groups[0]
     if (
-        len(group) != 1
-        or [id(p) for p in options["params"]] != [id(p) for p in critic.parameters()]
+        [id(p) for p in options["params"]] != [id(p) for p in critic.parameters()]
         or options["weight_decay"] != 0
         or options["amsgrad"]
         or options["maximize"]
         or isinstance(options["lr"], Tensor)
     ):
         return None
-    return SCRIPTED_ACTIVATIONS[acts.pop()] if acts else "tanh"  # no hidden layer: unused
+    return stack.activation
 
 
 def fit_critic(

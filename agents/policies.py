@@ -22,6 +22,7 @@ from gymnasium import spaces
 from torch import Tensor, nn
 
 from npg.families import Bernoulli, Categorical, DiagGaussian, Family, MultiCategorical
+from npg.model import LinearStack, find_linear_stack
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -113,6 +114,13 @@ class Actor(nn.Module):
         if self.gaussian:
             return torch.cat([out, self.log_std.expand_as(out)], -1)
         return out
+
+    def linear_stack(self) -> LinearStack | None:
+        """This actor as an MLP plus free log-std: exact Fisher products skip autograd."""
+        stack = find_linear_stack(self.net)
+        if stack is None:  # an activation the stack path does not cover
+            return None
+        return LinearStack(stack.layers, stack.activation, self.log_std if self.gaussian else None)
 
 
 class ActorCriticPolicy(nn.Module):

@@ -9,6 +9,7 @@ with its parameter dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -115,3 +116,44 @@ def _select(all_params: dict[str, Tensor], params: ParamSelection) -> list[str]:
     if len(names) != len(ids):
         raise ValueError("some selected tensors are not parameters of the model")
     return names
+
+
+STACK_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+@dataclass
+class LinearStack:
+    """A module's forward described as an MLP, for exact Fisher products without autograd.
+
+    ``layers`` are ``nn.Linear`` layers (with bias) applied in turn with one elementwise
+    ``activation`` (``"tanh"`` or ``"relu"``) between them; with a free ``log_std`` the output is
+    ``cat([mlp(x), log_std.expand_as(mlp(x))], -1)`` (a diagonal Gaussian policy). A module opts
+    in by returning one from a ``linear_stack()`` method (or declines with ``None``); an
+    ``nn.Sequential`` of that shape is recognised as it is (:func:`find_linear_stack`).
+    :class:`npg.fisher.ExactFisher` checks that the description reproduces the module's output
+    and otherwise uses its generic path.
+    """
+
+    layers: list[nn.Linear]
+    activation: str
+    log_std: Tensor | None = None
+
+    def parameters(self) -> list[Tensor]:
+        params = [p for lin in self.layers for p in (lin.weight, lin.bias)]
+        return params if self.log_std is None else [*params, self.log_std]
+
+
+def find_linear_stack(module: nn.Module | None) -> LinearStack | None:
+    """The module's :class:`LinearStack`, or ``None`` if it does not describe itself as one."""
+    if module is None:
+        return None
+    if callable(getattr(module, "linear_stack", None)):
+        return module.linear_stack()  # may be None: the module declines
+    if not isinstance(module, nn.Sequential) or len(module) % 2 != 1:
+        return None
+    layers, acts = list(module)[::2], {type(m) for m in list(module)[1::2]}
+    if not all(type(m) is nn.Linear and m.bias is not None for m in layers) or len(acts) > 1:
+        return None
+    if acts and not acts <= set(STACK_ACTIVATIONS):
+        return None
+    return LinearStack(layers, STACK_ACTIVATIONS[acts.pop()] if acts else "tanh")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from npg.fisher._stack import StackJacobian
 from npg.fisher.base import FisherOperator
+from npg.model import find_linear_stack
 
 
 class ExactFisher(FisherOperator):
@@ -19,11 +21,20 @@ class ExactFisher(FisherOperator):
 
     Plain autograd rather than ``torch.func``: the same arithmetic, with less per-call overhead
     (measured in ``scripts/bench_fisher.py``).
+
+    A module that describes itself as an MLP (:class:`npg.model.LinearStack`: an
+    ``nn.Sequential`` of ``Linear`` and tanh/ReLU layers, or a ``linear_stack()`` method), with
+    exactly its parameters selected, gets the same products from forward- and backward-mode
+    sweeps written out in TorchScript instead (``npg/fisher/_stack.py``), once the constructor
+    has checked that the description reproduces the module's output.
     """
 
     def __init__(self, model, inputs, family, params=None, param_dict=None) -> None:
         super().__init__(model, inputs, family, params, param_dict)
         fm = self.fmodel
+        self._stack = self._stack_jacobian()
+        if self._stack is not None:
+            return
         # a snapshot of the parameters: the operator stays the Fisher at construction time even if
         # the caller updates the parameters in place (a line search) before its last product
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in fm.params.items()}
@@ -42,8 +53,24 @@ class ExactFisher(FisherOperator):
         self._used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._grads = [grads[i] for i in self._used]
 
+    def _stack_jacobian(self) -> StackJacobian | None:
+        """The autograd-free Jacobian if the model is a verified :class:`LinearStack`."""
+        fm = self.fmodel
+        stack = find_linear_stack(fm.module)
+        if not StackJacobian.applies(stack, self.inputs, fm.params):
+            return None
+        jac = StackJacobian(stack, self.inputs, fm.params)
+        with torch.no_grad():
+            out = fm(fm.detached_params(), self.inputs)
+        if out.shape != jac.out.shape or not torch.allclose(out, jac.out, rtol=1e-5, atol=1e-6):
+            return None  # the module computes something else: use the generic path
+        self.out = out
+        return jac
+
     def _jv(self, v: Tensor) -> Tensor:
         """``J v`` (shape ``(N, K)``) for a flat ``v``."""
+        if self._stack is not None:
+            return self._stack.jv(self.fmodel.unflatten(v))
         if not self._grads:
             return torch.zeros_like(self.out)
         chunks = v.split(self.fmodel.numels)
@@ -56,6 +83,8 @@ class ExactFisher(FisherOperator):
 
     def _jtw(self, w: Tensor) -> Tensor:
         """``Jᵀ w`` (flat) for an output-space ``w`` of shape ``(N, K)``."""
+        if self._stack is not None:
+            return self._stack.jtw(w)
         with torch.enable_grad():
             g = torch.autograd.grad(
                 self._graph_out, self._leaves, w, retain_graph=True, allow_unused=True
@@ -76,7 +105,10 @@ class ExactFisher(FisherOperator):
 
     def _mm(self, m: Tensor, chunk: int = 32) -> Tensor:
         """Columns in chunks of ``chunk`` through vmapped backward passes
-        (``is_grads_batched``); column by column if an op has no batching rule."""
+        (``is_grads_batched``); column by column on the stack path or if an op has no batching
+        rule."""
+        if self._stack is not None:
+            return super()._mm(m)
         if not self._grads:
             return torch.zeros_like(m)
         try:
