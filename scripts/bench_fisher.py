@@ -9,7 +9,9 @@ Measured per case, in float32 with ``--threads`` intra-op threads (times are med
 ``--repeats`` interleaved rounds; baseline and npg alternate within a round so that machine load
 hits both alike):
 
-* ``product``: one Fisher-vector product after the first (the CG inner loop),
+* ``product``: one Fisher-vector product after the first (the CG inner loop); ``exact`` takes
+  its autograd-free path for MLPs (both models describe themselves as a ``LinearStack``), and
+  ``exact_autograd_product`` is the generic double-vjp path on the same model,
 * ``setup``: what a solve pays once (baseline: forward + KL + create_graph gradient; exact:
   the ``ExactFisher`` constructor; K-FAC: the ``KFACFisher`` constructor),
 * ``cg10``: setup + a 10-iteration CG solve (``tol=0``, damping 0.1, npg's CG for both),
@@ -52,6 +54,7 @@ from torch.distributions import Normal, kl_divergence  # noqa: E402
 from npg.cg import conjugate_gradient  # noqa: E402
 from npg.families import Categorical, DiagGaussian, Family  # noqa: E402
 from npg.fisher import ExactFisher, KFACFisher  # noqa: E402
+from npg.model import LinearStack  # noqa: E402
 
 DAMPING = 0.1
 CG_ITERS = 10
@@ -71,6 +74,22 @@ class GaussianPolicy(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         mean = self.mean(x)
         return torch.cat([mean, self.log_std.expand_as(mean)], -1)
+
+    def linear_stack(self) -> LinearStack:
+        """Opt in to the autograd-free exact products, as ``agents.policies.Actor`` does."""
+        return LinearStack(list(self.mean)[::2], "tanh", self.log_std)
+
+
+class AutogradOnly(nn.Module):
+    """The same model without a :class:`LinearStack` description: ``ExactFisher``'s generic
+    (double-vjp) path, timed as ``exact_autograd_*``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
 
 
 def make_case(name: str, batch: int, device: str) -> tuple[nn.Module, Tensor, Family]:
@@ -154,8 +173,12 @@ def bench_case(
     # warm-up and agreement check
     hvp = double_backward_hvp(model, x, family)
     op = ExactFisher(model, x, family)
-    ref, ours = hvp(v), op.mv(v)
-    rel_err = float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref))
+    generic = AutogradOnly(model)
+    assert op._stack is not None and ExactFisher(generic, x, family)._stack is None
+    ref = hvp(v)
+    rel_err = 0.0
+    for ours in (op.mv(v), ExactFisher(generic, x, family).mv(v)):
+        rel_err = max(rel_err, float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref)))
     lean = double_backward_hvp(model, x, family, kl_impl="npg")(v)
     rel_err = max(rel_err, float(torch.linalg.norm(lean - ref) / torch.linalg.norm(ref)))
     kfac = KFACFisher(model, x, family)
@@ -199,6 +222,9 @@ def bench_case(
         e.mv(v)
         record("exact_product", products(e.mv), n_products)
         record("exact_cg10", exact_cg10)
+        a = ExactFisher(generic, x, family)
+        a.mv(v)
+        record("exact_autograd_product", products(a.mv), n_products)
         record("kfac_build", lambda: KFACFisher(model, x, family))
         record("kfac_build_solve", kfac_build_solve)
         k = KFACFisher(model, x, family)
@@ -212,6 +238,8 @@ def bench_case(
         res[f"{stat}_ratios"] = {
             "exact_product / db_product": val["exact_product"] / val["db_product"],
             "exact_product / db_npgkl_product": val["exact_product"] / val["db_npgkl_product"],
+            "exact_autograd_product / db_product": val["exact_autograd_product"]
+            / val["db_product"],
             "exact_cg10 / db_cg10": val["exact_cg10"] / val["db_cg10"],
             "kfac_build_solve / db_cg10": val["kfac_build_solve"] / val["db_cg10"],
             "kfac_solve_cached / db_product": val["kfac_solve_cached"] / val["db_product"],
