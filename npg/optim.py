@@ -161,6 +161,7 @@ class _RunningKFAC:
         self.diag_values: list[Tensor] = []
         self.inverses: list[tuple] | None = None
         self.inverse_damping: float | None = None
+        self.inverted: list[KroneckerBlock] = []  # the blocks as of the inverses' refresh
 
     def _attach(self, blocks: list[KroneckerBlock], diag_slices: list[slice]) -> None:
         self.blocks, self.diag_slices = blocks, list(diag_slices)
@@ -199,51 +200,64 @@ class _RunningKFAC:
         return [(b.module, b.bias is not None) for b in self.blocks]
 
     def refresh_inverses(self, damping: float) -> None:
-        """Recompute the damped inverses of the current averages."""
+        """Recompute the damped inverses of the current averages (and keep those averages)."""
         self.inverses = [b.damped_inverse(damping, self.inverse) for b in self.blocks]
         self.inverse_damping = damping
+        self.inverted = [
+            KroneckerBlock(b.module, b.weight, b.bias, b.A.clone(), b.G.clone())
+            for b in self.blocks
+        ]
 
     def mv(self, v: Tensor) -> Tensor:
         """``F̂ v`` with the averaged factors."""
         return block_diagonal_mv(self.blocks, self.diag_slices, self.diag_values, v)
 
+    def inverted_mv(self, v: Tensor) -> Tensor:
+        """``F̂₀ v`` with the curvature the stored inverses invert (the Kronecker factors of
+        their refresh; the diagonal blocks are inverted afresh at every step)."""
+        return block_diagonal_mv(self.inverted, self.diag_slices, self.diag_values, v)
+
     def precondition(
-        self, grads: list[Tensor], curvature: bool
+        self, grads: list[Tensor], curvature: str | None
     ) -> tuple[list[Tensor], Tensor | None]:
-        """``x = (F̂ + λI)⁻¹ g`` per parameter, for the per-parameter gradients ``grads``, with
-        the stored inverses (``λ`` is that of their refresh); with ``curvature`` also the
-        ``(2,)`` tensor ``[xᵀF̂x, gᵀx]`` (``F̂`` the current averages), else ``None``."""
+        """``x = (F̂₀ + λI)⁻¹ g`` per parameter, for the per-parameter gradients ``grads``, with
+        the stored inverses (``F̂₀`` and ``λ`` are those of their refresh); with ``curvature``
+        ``"dot"`` also the ``(1,)`` tensor ``[gᵀx]``, with ``"form"`` the ``(2,)`` tensor
+        ``[gᵀx, xᵀF̂₀x]`` (see :meth:`inverted_mv`), else ``None``."""
         if self.inverses is None:
             raise RuntimeError("K-FAC inverses were never computed")
+        form = curvature == "form"
         parts: list[Tensor] = list(grads)  # every entry is replaced below
-        quads: list[Tensor] = []
-        dots: list[Tensor] = []
-        for b, inv, (iw, ib) in zip(self.blocks, self.inverses, self.layout, strict=True):
-            gw = grads[iw].reshape(b.G.shape[0], -1)
+        sums: list[Tensor] = []  # per block: [gᵀx] or [gᵀx, xᵀF̂₀x]
+        for inv, (iw, ib) in zip(self.inverses, self.layout, strict=True):
+            gw = grads[iw].view(grads[iw].shape[0], -1)  # (dG, dA without the bias)
             m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
-            x = b.apply_inverse(inv, m)
+            if form:
+                x, block_sums = KroneckerBlock.apply_inverse_with_form(inv, m)
+                sums.append(block_sums)
+            else:
+                x = KroneckerBlock.apply_inverse(inv, m)
+                if curvature:
+                    sums.append(torch.sum(m * x).view(1))
             if ib is None:
                 parts[iw] = x.view_as(grads[iw])
             else:
                 parts[iw], parts[ib] = x[:, :-1].view_as(grads[iw]), x[:, -1]
-            if curvature:
-                quads.append(torch.sum(b.mv(x) * x))
-                dots.append(torch.sum(m * x))
         for i, d in zip(self.diag_index, self.diag_values, strict=True):
             g, d = grads[i], d.view_as(grads[i])
             parts[i] = x = g / (d + self.inverse_damping)
             if curvature:
-                quads.append(torch.sum(d * x * x))
-                dots.append(torch.sum(g * x))
+                gx = torch.sum(g * x)
+                sums.append(torch.stack((gx, torch.sum(d * x * x))) if form else gx.view(1))
         if not curvature:
             return parts, None
-        return parts, torch.stack(quads + dots).view(2, -1).sum(1)
+        return parts, torch.stack(sums).sum(0)
 
     def solve(self, g: Tensor, damping: float) -> Tensor:
         """``(F̂ + λI)⁻¹ g`` for a flat vector (``damping`` is ignored: the stored inverses
         carry the damping of their refresh)."""
         grads = [c.view(s) for c, s in zip(g.split(self.numels), self.shapes, strict=True)]
-        parts, _ = self.precondition(grads, curvature=False)
+        parts, _ = self.precondition(grads, curvature=None)
         return torch.cat([p.reshape(-1) for p in parts])
 
     def state(self) -> dict[str, Any]:
@@ -253,6 +267,7 @@ class _RunningKFAC:
             "diag": list(self.diag_values),
             "inverses": self.inverses,
             "inverse_damping": self.inverse_damping,
+            "inverted": [(b.A, b.G) for b in self.inverted],
         }
 
     def load(self, state: Mapping[str, Any], fisher_template: KFACFisher) -> None:
@@ -262,8 +277,14 @@ class _RunningKFAC:
         ]
         self._attach(blocks, fisher_template.diag_slices)
         self.diag_values = list(state["diag"])
-        self.inverses = state["inverses"]
+        # a state without the inverted factors (older versions) gets fresh inverses next step
+        inverted = state.get("inverted")
+        self.inverses = state["inverses"] if inverted is not None else None
         self.inverse_damping = state["inverse_damping"]
+        self.inverted = [
+            KroneckerBlock(b.module, b.weight, b.bias, a, g)
+            for b, (a, g) in zip(blocks, inverted or [], strict=False)
+        ]
 
 
 # --- the optimizer -------------------------------------------------------------------------------
@@ -282,6 +303,13 @@ class NGD(Optimizer):
         max_kl: KL trust region: with ``lr=None`` every step is scaled to the boundary
             ``½ ΔᵀFΔ = max_kl`` (mean KL between the model's predictive distributions); with a
             ``lr`` the step ``lr·d`` is shrunk only when it would leave the region (KL clipping).
+            K-FAC measures ``F`` with the factors its current inverses were built from.
+        kl_model: the quadratic KL model that ``max_kl`` bounds: ``"exact"`` ``½ ΔᵀFΔ``, or
+            ``"damped"`` ``½ α² gᵀd / s``, which is ``½ ΔᵀC̃Δ / s`` for the damped curvature
+            ``C̃`` that ``d = C̃⁻¹ g`` inverts (K-FAC: the π-damped Kronecker blocks). This is
+            the estimate of ACKTR and KFAC-pytorch. It costs no product by ``F``, and it is
+            larger than the exact model, so the clip is more conservative. Needs
+            ``momentum=0``.
         damping: Tikhonov damping ``λ`` added to the loss curvature ``C``.
         adaptive_damping: Levenberg-Marquardt rule (Martens 2010): after each step the actual
             loss reduction on the batch is compared with the quadratic model's prediction
@@ -311,6 +339,7 @@ class NGD(Optimizer):
         fisher: str = "kfac",
         lr: float | None = 1.0,
         max_kl: float | None = None,
+        kl_model: str = "exact",
         damping: float = 1e-3,
         adaptive_damping: bool = False,
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
@@ -338,6 +367,10 @@ class NGD(Optimizer):
             raise ValueError(f"max_kl must be > 0, got {max_kl}")
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
+        if kl_model not in ("exact", "damped"):
+            raise ValueError(f"unknown kl_model {kl_model!r}; accepted: exact, damped")
+        if kl_model == "damped" and momentum:
+            raise ValueError("kl_model='damped' needs momentum=0 (d must be C̃⁻¹g)")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if not 0 <= kfac_decay < 1:
@@ -367,6 +400,7 @@ class NGD(Optimizer):
         self.loss_fn = loss_fn
         self.fisher = fisher
         self.adaptive_damping = adaptive_damping
+        self.kl_model = kl_model
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
         self.lm_decrease, self.lm_increase = lm_decrease, lm_increase
         self.n_samples, self.seed = n_samples, seed
@@ -513,7 +547,7 @@ class NGD(Optimizer):
         if step % self.kfac_inv_interval == 0 or self._kfac.inverses is None:
             self._kfac.refresh_inverses(mu)
             info["kfac_inverses_updated"] = True
-        return self._kfac.mv, self._kfac.solve, info
+        return self._kfac.inverted_mv, self._kfac.solve, info
 
     def _kfac_operator(self, inputs, targets, family, seed, ekfac=False) -> KFACFisher:
         return KFACFisher(
@@ -565,33 +599,41 @@ class NGD(Optimizer):
         self._captured_factors = capture.factors if capture is not None else None
         fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)
         self._captured_factors = None
-        need_curvature = group["max_kl"] is not None or self.adaptive_damping
+        clip = group["max_kl"] is not None
+        # "form" (gᵀd and dᵀFd) for the adaptive damping's model and the exact KL clip, "dot"
+        # (gᵀd) for the damped KL clip
+        need_form = self.adaptive_damping or (clip and self.kl_model == "exact")
+        curvature = "form" if need_form else "dot" if clip else None
         with torch.no_grad():
             params = self._flat_params
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             if self.fisher == "kfac" and not group["momentum"]:
                 # per parameter, no flat vectors: d = x / s with x = (F̂ + (λ/s) I)⁻¹ g
-                parts, curv = self._kfac.precondition(grads, need_curvature)
+                parts, curv = self._kfac.precondition(grads, curvature)
                 part_scale = 1.0 / s
             else:
-                parts, curv = self._flat_direction(grads, fmv, fsolve, lam / s, s, need_curvature)
+                parts, curv = self._flat_direction(grads, fmv, fsolve, lam / s, s, curvature)
                 part_scale = 1.0
             dFd = gd = math.nan  # dᵀFd and gᵀd of d = part_scale · parts
             if curv is not None:
-                pFp, gp = curv.tolist()  # the one host sync of the step
-                dFd, gd = pFp * part_scale**2, gp * part_scale
+                gp, *pFp = curv.tolist()  # the one host sync of the step
+                gd = gp * part_scale
+                dFd = pFp[0] * part_scale**2 if pFp else math.nan
+            kl_quad = gd / s if self.kl_model == "damped" else dFd  # the KL model is ½α²·this
             alpha = group["lr"]
-            if group["max_kl"] is not None and dFd > 0 and math.isfinite(dFd):
-                kl_scale = math.sqrt(2 * group["max_kl"] / dFd)
+            if clip and kl_quad > 0 and math.isfinite(kl_quad):
+                kl_scale = math.sqrt(2 * group["max_kl"] / kl_quad)
                 alpha = kl_scale if alpha is None else min(alpha, kl_scale)
             if alpha is None:  # max_kl only, but no curvature along d: take no step
                 alpha = 0.0
             torch._foreach_add_(params, parts, alpha=-alpha * part_scale)  # θ -= α d
             info.update(alpha=alpha, damping=lam)
-            if need_curvature:
-                predicted = -alpha * gd + 0.5 * s * alpha**2 * dFd
-                info.update(kl=0.5 * alpha**2 * dFd, predicted_change=predicted)
+            if curv is not None:
+                info["kl"] = 0.5 * alpha**2 * kl_quad
+            if need_form:
+                info["predicted_change"] = -alpha * gd + 0.5 * s * alpha**2 * dFd
 
+        predicted = info.get("predicted_change", 0.0)
         if self.adaptive_damping and loss is not None and predicted != 0:  # 0: no step taken
             new_loss = self._reevaluate(closure, inputs, targets)
             actual = float(new_loss.detach()) - float(loss.detach())
@@ -614,10 +656,11 @@ class NGD(Optimizer):
         fsolve: Callable[[Tensor, float], Tensor],
         mu: float,
         s: float,
-        curvature: bool,
+        curvature: str | None,
     ) -> tuple[list[Tensor], Tensor | None]:
         """The direction ``d = (sF + λI)⁻¹ g`` (plus momentum) on flat vectors, per parameter,
-        and with ``curvature`` the ``(2,)`` tensor ``[dᵀFd, gᵀd]``."""
+        and with ``curvature`` ``"dot"`` the ``(1,)`` tensor ``[gᵀd]``, with ``"form"`` the
+        ``(2,)`` tensor ``[gᵀd, dᵀFd]``."""
         group, st = self.param_groups[0], self._gstate()
         g = torch.cat([t.reshape(-1) for t in grads])
         d = fsolve(g, mu) / s  # (sF + λI)⁻¹ g
@@ -626,7 +669,9 @@ class NGD(Optimizer):
             d = d if buf is None else group["momentum"] * buf + d
             st["momentum_buffer"] = d.clone()
         parts = list(self.fmodel.unflatten(d).values())
-        return parts, torch.stack((d @ fmv(d), g @ d)) if curvature else None
+        if curvature is None:
+            return parts, None
+        return parts, torch.stack((g @ d, d @ fmv(d)) if curvature == "form" else (g @ d,))
 
     def _reevaluate(self, closure, inputs: Inputs, targets: Tensor | None) -> Tensor:
         """The loss on the same batch after the step."""

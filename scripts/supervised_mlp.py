@@ -21,12 +21,16 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from npg.fisher.kfac import KroneckerBlock
 from npg.optim import NGD
 
 BATCH, HIDDEN = 64, 128
 # the headline K-FAC, chosen by the seed study (median and worst epochs over init seeds 0-4),
 # not by the single seed-0 run, whose epoch counts are chaotic
 HEADLINE_KFAC = "K-FAC lr=1 KL<=1e-3 damping=1e-2"
+# the cheapest KL-clipped K-FAC: ACKTR's damped KL model (an explicit option, kl_model="damped"),
+# factors refreshed with the inverses
+DAMPED_KFAC = "K-FAC lr=1 damped-KL<=1e-2 damping=1e-2 factors/20"
 
 
 def load() -> tuple[torch.Tensor, ...]:
@@ -220,12 +224,14 @@ def step_timing(sgd_cfg, kfac_cfgs: dict, data, rounds: int = 5, steps: int = 20
     return rows
 
 
-def step_breakdown(sgd_cfg, kfac_cfg, data, steps: int = 2000) -> None:
+def step_breakdown(sgd_cfg, kfac_cfgs: dict, data, steps: int = 2000) -> None:
     """Where a K-FAC step's time goes at batch 64: median microseconds of the closure alone,
-    of a whole SGD step, of K-FAC steps by kind (factors and inverses refreshed or not) and of
-    the eight matrix products a KL-clipped K-FAC step needs (``G⁻¹ M A⁻¹`` and ``G X A`` per
-    layer) run on their own. Steps of one kind are timed one by one, so these are medians of
-    single steps (timer overhead included), not the per-round means of :func:`step_timing`."""
+    of a whole SGD step, of each K-FAC config's steps by kind (factors and inverses refreshed
+    or not), and of the per-layer preconditioning products on their own: the step
+    ``Ĝ⁻¹ M Â⁻¹`` (2 products per layer; the damped KL model needs nothing more) and the step
+    with the exact KL model ``⟨X, G X A⟩`` (3 products per layer and four dot products).
+    Steps of one kind are timed one by one, so these are medians of single steps (timer
+    overhead included), not the per-round means of :func:`step_timing`."""
     xb, yb = data[0][:BATCH], data[1][:BATCH]
     loss_fn = nn.CrossEntropyLoss()
 
@@ -247,37 +253,44 @@ def step_breakdown(sgd_cfg, kfac_cfg, data, steps: int = 2000) -> None:
     rows.append(
         dict(part="SGD step (closure included)", us=median_us(lambda: sgd.step(closure), steps))
     )
-    model = new_model()
-    opt = kfac_cfg(model, loss_fn)
-    closure = make_closure(opt, model, loss_fn, xb, yb)
-    by_kind: dict[str, list[float]] = {}
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step(closure, inputs=xb, targets=yb)
-        dt = time.perf_counter() - t0
-        info = opt.last_info
-        kind = ("factors" if info.get("kfac_factors_updated") else "") + (
-            "+inverses" if info.get("kfac_inverses_updated") else ""
-        )
-        by_kind.setdefault(kind or "neither", []).append(dt)
-    for kind, times in by_kind.items():
-        rows.append(
-            dict(
-                part=f"K-FAC step, {kind} refreshed ({len(times)} of {steps})",
-                us=1e6 * statistics.median(times),
+    for name, cfg in kfac_cfgs.items():
+        model = new_model()
+        opt = cfg(model, loss_fn)
+        closure = make_closure(opt, model, loss_fn, xb, yb)
+        by_kind: dict[str, list[float]] = {}
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opt.step(closure, inputs=xb, targets=yb)
+            dt = time.perf_counter() - t0
+            info = opt.last_info
+            kind = ("factors" if info.get("kfac_factors_updated") else "") + (
+                "+inverses" if info.get("kfac_inverses_updated") else ""
             )
+            by_kind.setdefault(kind or "neither", []).append(dt)
+        for kind, times in by_kind.items():
+            rows.append(
+                dict(
+                    part=f"{name}: step, {kind} refreshed ({len(times)} of {steps})",
+                    us=1e6 * statistics.median(times),
+                )
+            )
+        rows.append(
+            dict(part=f"{name}: mean step", us=1e6 * sum(map(sum, by_kind.values())) / steps)
         )
-    mats = []
+    gen = torch.Generator().manual_seed(0)
+    layers = []  # (damped inverse, gradient matrix) per layer, on random factors
     for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
         dg, da = layer.out_features, layer.in_features + 1
-        mats.append([torch.randn(dg, dg), torch.randn(dg, da), torch.randn(da, da)])
-
-    def products():
-        for g, m, a in mats:
-            x = g @ m @ a  # G⁻¹ M A⁻¹
-            g @ x @ a  # G X A
-
-    rows.append(dict(part="the 8 matrix products alone", us=median_us(products, steps)))
+        a, g = torch.randn(256, da, generator=gen), torch.randn(256, dg, generator=gen)
+        block = KroneckerBlock(layer, slice(0), slice(0), a.T @ a / 256, g.T @ g / 256)
+        layers.append((block.damped_inverse(1e-2, "pi"), torch.randn(dg, da, generator=gen)))
+    for part, apply in (
+        ("the step's products alone (Ĝ⁻¹MÂ⁻¹, 2 per layer)", KroneckerBlock.apply_inverse),
+        ("with the exact KL form (3 per layer + dots)", KroneckerBlock.apply_inverse_with_form),
+    ):
+        rows.append(
+            dict(part=part, us=median_us(lambda f=apply: [f(inv, m) for inv, m in layers], steps))
+        )
     print(f"\nWhere the time of a K-FAC step goes (batch {BATCH}, medians of single steps, us):")
     print_table(rows, ["part", "us"], {"us": "{:.0f}"})
     write_csv("mlp_step_breakdown.csv", rows)
@@ -330,13 +343,30 @@ def main() -> None:
         "K-FAC lr=1 KL<=1e-3 damping=1e-2 factors/20": ngd(
             "kfac", 1.0, 1e-2, max_kl=1e-3, **{**kfac_kw, "kfac_cov_interval": 20}
         ),
+        # ACKTR's KL estimate ½α²gᵀd (kl_model="damped"): no product by the factors
+        "K-FAC lr=1 damped-KL<=1e-2 damping=1e-2": ngd(
+            "kfac", 1.0, 1e-2, max_kl=1e-2, kl_model="damped", **kfac_kw
+        ),
+        DAMPED_KFAC: ngd(
+            "kfac",
+            1.0,
+            1e-2,
+            max_kl=1e-2,
+            kl_model="damped",
+            **{**kfac_kw, "kfac_cov_interval": 20},
+        ),
     }
 
     timing_configs = {
         f"{HEADLINE_KFAC} (factors/10, inverses/20)": configs[HEADLINE_KFAC],
+        f"{DAMPED_KFAC} (inverses/20)": configs[DAMPED_KFAC],
         "K-FAC lr=0.3 damping=0.1, no KL clip (factors/20, inverses/20)": ngd(
             "kfac", 0.3, 1e-1, **{**kfac_kw, "kfac_cov_interval": 20}
         ),
+    }
+    breakdown_configs = {
+        "headline": configs[HEADLINE_KFAC],
+        "damped KL, factors/20": configs[DAMPED_KFAC],
     }
 
     if args.seeds:
@@ -344,7 +374,7 @@ def main() -> None:
         return
     if args.timing_only:
         step_timing(configs["SGD lr=0.1"], timing_configs, data)
-        step_breakdown(configs["SGD lr=0.1"], configs[HEADLINE_KFAC], data)
+        step_breakdown(configs["SGD lr=0.1"], breakdown_configs, data)
         return
     runs = {}
     for name, make in configs.items():
@@ -404,7 +434,7 @@ def main() -> None:
     write_csv("mlp_summary.csv", summary)
 
     timing = step_timing(configs["SGD lr=0.1"], timing_configs, data)
-    step_breakdown(configs["SGD lr=0.1"], configs[headline], data)
+    step_breakdown(configs["SGD lr=0.1"], breakdown_configs, data)
     kfac_epochs = epochs_to_stay(runs[headline], adam_final)
     print(
         f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
@@ -414,7 +444,13 @@ def main() -> None:
         f"K-FAC/SGD at batch {BATCH}: {timing[0]['ratio']:.2f}."
     )
 
-    shown = [best("SGD"), best_adam, *[n for n in runs if n.startswith("NGD")], headline]
+    shown = [
+        best("SGD"),
+        best_adam,
+        *[n for n in runs if n.startswith("NGD")],
+        headline,
+        DAMPED_KFAC,
+    ]
     for key, label in (("epoch", "epoch"), ("time", "wall-clock (s)")):
         plot_curves(
             f"mlp_train_loss_vs_{key}.png",

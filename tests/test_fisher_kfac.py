@@ -27,7 +27,7 @@ from npg import make_fisher
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression
 from npg.fisher import KFACFisher
 from npg.fisher._per_sample import output_scores
-from npg.fisher.kfac import ClosureFactors
+from npg.fisher.kfac import ClosureFactors, KroneckerBlock
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -328,6 +328,28 @@ def test_kfac_bias_free_layers_and_layers_called_twice() -> None:
     assert_close(dense[shared][:, shared], torch.diag(torch.diagonal(exact)[shared]))
     unused = torch.arange(24, 30)
     assert bool((dense[unused] == 0).all())
+
+
+@pytest.mark.parametrize("inverse", ["pi", "eigen", "ekfac"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7)])
+def test_apply_inverse_with_form_equals_the_block_products(inverse: str, shape) -> None:
+    """``apply_inverse_with_form`` gives the step of ``apply_inverse`` and, without products by
+    the factors, ``[⟨X, M⟩, ⟨X, G X A⟩]`` of the block it inverted (both orders of ``Ĝ⁻¹MÂ⁻¹``:
+    ``dG ≥ dA`` and ``dG < dA``; EKFAC's eigenvalues in the eigen form)."""
+    gen = torch.Generator().manual_seed(4)
+    dg, da = shape
+    a, g = torch.randn(2 * da, da, generator=gen), torch.randn(dg, dg, generator=gen)
+    block = KroneckerBlock(nn.Linear(1, 1), slice(0, 0), None, a.T @ a / da, g @ g.T / dg)
+    if inverse == "ekfac":
+        block.ekfac_scale = torch.rand(dg, da, generator=gen) + 0.1
+    inv = block.damped_inverse(0.3, "pi" if inverse == "pi" else "eigen")
+    m = torch.randn(dg, da, generator=gen)
+    x, sums = KroneckerBlock.apply_inverse_with_form(inv, m)
+    assert_close(x, KroneckerBlock.apply_inverse(inv, m))
+    assert_close(sums[0], torch.sum(m * x))
+    assert_close(sums[1], torch.sum(x * block.mv(x)))
+    if inverse != "ekfac":  # the dense Kronecker form, independently of block.mv
+        assert_close(sums[1], x.reshape(-1) @ torch.kron(block.G, block.A) @ x.reshape(-1))
 
 
 def test_kronecker_eigenbasis_follows_factor_updates() -> None:

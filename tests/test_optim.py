@@ -220,6 +220,102 @@ def test_kl_clipping_only_shrinks_large_steps():
     assert alphas[10.0]["kl"] == pytest.approx(1e-3, rel=1e-9)
 
 
+def _layer_matrices(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
+    """``[W | b]`` of every Linear layer of ``model`` from a flat parameter-order vector."""
+    mats, start = [], 0
+    for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        n_w, n_b = layer.weight.numel(), layer.bias.numel()
+        w = flat[start : start + n_w].view_as(layer.weight)
+        mats.append(torch.cat((w, flat[start + n_w : start + n_w + n_b].unsqueeze(1)), 1))
+        start += n_w + n_b
+    return mats
+
+
+def _half_kronecker_form(mats: list[torch.Tensor], factors) -> float:
+    """``½ Σ_layers ⟨D, G D A⟩`` for per-layer ``[ΔW | Δb]`` and ``(G, A)`` pairs."""
+    return 0.5 * sum(
+        float(torch.sum(d * (g @ d @ a))) for d, (g, a) in zip(mats, factors, strict=True)
+    )
+
+
+def test_kfac_kl_clip_measures_the_factors_it_inverted():
+    """Between inverse refreshes K-FAC's exact KL model ``½ ΔᵀF̂₀Δ`` uses the factors the
+    inverses were built from (``F̂₀``), not the averages refreshed since."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = _mlp()
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="kfac",
+        lr=3.0,
+        max_kl=1e-3,
+        damping=1e-2,
+        kfac_cov_interval=1,
+        kfac_inv_interval=3,
+    )
+    inverted, differs = None, False
+    for seed in range(7):
+        x, y = _data(seed=seed)
+        before = _flat(model)
+        opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+        info = opt.last_info
+        current = [(b.G.clone(), b.A.clone()) for b in opt._kfac.blocks]
+        if info.get("kfac_inverses_updated"):
+            inverted = current
+        deltas = _layer_matrices(model, _flat(model) - before)
+        kl, kl_current = (
+            _half_kronecker_form(deltas, inverted),
+            _half_kronecker_form(deltas, current),
+        )
+        assert info["kl"] == pytest.approx(kl, rel=1e-9)
+        differs |= abs(kl_current - kl) > 1e-3 * kl
+    assert differs  # the factors did move between refreshes
+
+
+@pytest.mark.parametrize("fisher", ["exact", "kfac"])
+def test_damped_kl_model_bounds_the_damped_curvature(fisher):
+    """``kl_model="damped"`` (ACKTR) puts the step on ``½ ΔᵀC̃Δ = max_kl`` for the damped
+    curvature ``C̃`` the step inverts: ``F + λI`` (CG), the π-damped ``Ĝ ⊗ Â`` (K-FAC)."""
+    model, (x, y) = _mlp(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    lam, max_kl = 1e-2, 1e-4
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher=fisher,
+        lr=None,
+        max_kl=max_kl,
+        kl_model="damped",
+        damping=lam,
+        cg_iters=200,
+        cg_tol=1e-14,
+    )
+    fisher_dense = dense_fisher(model, x, Categorical())
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    delta = _flat(model) - before
+    if fisher == "exact":
+        damped = 0.5 * delta @ (fisher_dense + lam * torch.eye(delta.numel())) @ delta
+    else:  # Ĝ and Â are the inverses of the stored π-damped inverses
+        pairs = [(torch.linalg.inv(inv[1]), torch.linalg.inv(inv[2])) for inv in opt._kfac.inverses]
+        damped = _half_kronecker_form(_layer_matrices(model, delta), pairs)
+    assert float(damped) == pytest.approx(max_kl, rel=1e-7)
+    assert opt.last_info["kl"] == pytest.approx(max_kl, rel=1e-9)
+    # more conservative than the exact model: the undamped KL of the step is below max_kl
+    assert float(0.5 * delta @ fisher_dense @ delta) < max_kl
+
+
+def test_kl_model_is_checked():
+    model = _mlp()
+    kw = dict(model=model, loss_fn=nn.CrossEntropyLoss(), max_kl=1e-3)
+    with pytest.raises(ValueError, match="kl_model"):
+        NGD(model.parameters(), kl_model="acktr", **kw)
+    with pytest.raises(ValueError, match="momentum=0"):
+        NGD(model.parameters(), kl_model="damped", momentum=0.9, **kw)
+
+
 # --- state dict ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("flavour", ["kfac", "mc", "diagonal"])
 def test_state_dict_round_trip_continues_identically(flavour):
