@@ -35,7 +35,7 @@ _TRPO: dict[str, dict[str, Any]] = {
         vf_minibatch=512,
         gamma=0.99,
         gae_lambda=0.98,
-        cg_damping=1e-3,
+        cg_damping=0.1,  # zoo: 1e-3; 0.1 was robust on held-out seeds (docs/rl_results.md)
         vf_epochs=20,
         vf_lr=1e-3,
         max_kl=0.01,
@@ -89,10 +89,10 @@ _TRPO: dict[str, dict[str, Any]] = {
 # NPG shares the TRPO settings except where re-tuned. Its step is not line-searched, so the
 # quadratic KL model must be trustworthy: with the zoo's cg_damping = 1e-3 the measured KL of
 # a δ-step was often 5-30× δ and runs collapsed (CartPole, 5 seeds: 407 at δ = 0.02); with
-# cg_damping = 0.1 the step stays at or below δ and δ = 0.05 reached 500 on all 5 seeds
-# (δ = 0.02 too, learning more slowly). See docs/rl_results.md.
+# cg_damping = 0.1 the step stays at or below δ. δ = 0.03 was chosen on held-out seeds 10-19
+# (δ = 0.05 fell below 475 on 2 of them). See docs/rl_results.md.
 _NPG = copy.deepcopy(_TRPO)
-_NPG["CartPole-v1"].update(max_kl=0.05, cg_damping=0.1)
+_NPG["CartPole-v1"].update(max_kl=0.03, cg_damping=0.1)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"trpo": _TRPO, "npg": _NPG}
 

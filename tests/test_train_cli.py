@@ -35,7 +35,7 @@ def test_train_writes_run_directory_with_preset(tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["algo"] == "trpo" and config["env"] == "CartPole-v1"
     assert config["hyperparameters"]["n_steps"] == 512  # the CartPole preset
-    assert config["resolved"]["cg_damping"] == 1e-3
+    assert config["resolved"]["cg_damping"] == 0.1
     rows = _rows(run)
     assert len(rows) == 2 and rows[-1]["timesteps"] == "2048"
     for key in ("ep_return_mean", "kl", "cg_iterations", "ls_backtracks", "explained_variance"):
