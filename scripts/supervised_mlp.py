@@ -435,14 +435,15 @@ def main() -> None:
 
     timing = step_timing(configs["SGD lr=0.1"], timing_configs, data)
     step_breakdown(configs["SGD lr=0.1"], breakdown_configs, data)
-    kfac_epochs = epochs_to_stay(runs[headline], adam_final)
-    print(
-        f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}; "
-        f"{headline} gets below it for good at epoch {kfac_epochs} "
-        f"({'n/a' if kfac_epochs is None else f'{kfac_epochs / epochs:.2f}'} of Adam's epochs); "
-        f"final test accuracy {runs[headline][-1]['test_acc']:.4f}; per-step time ratio "
-        f"K-FAC/SGD at batch {BATCH}: {timing[0]['ratio']:.2f}."
-    )
+    print(f"\nAdam's final train loss ({best_adam}, {epochs} epochs): {adam_final:.3e}")
+    for name, row in ((headline, timing[0]), (DAMPED_KFAC, timing[1])):
+        kfac_epochs = epochs_to_stay(runs[name], adam_final)
+        share = "n/a" if kfac_epochs is None else f"{kfac_epochs / epochs:.2f}"
+        print(
+            f"{name} gets below it for good at epoch {kfac_epochs} ({share} of Adam's "
+            f"epochs); final test accuracy {runs[name][-1]['test_acc']:.4f}; per-step time "
+            f"ratio K-FAC/SGD at batch {BATCH}: {row['ratio']:.2f}."
+        )
 
     shown = [
         best("SGD"),
