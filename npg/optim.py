@@ -230,7 +230,7 @@ class _RunningKFAC:
         parts: list[Tensor] = list(grads)  # every entry is replaced below
         sums: list[Tensor] = []  # per block: [gᵀx] or [gᵀx, xᵀF̂₀x]
         for inv, (iw, ib) in zip(self.inverses, self.layout, strict=True):
-            gw = grads[iw].view(grads[iw].shape[0], -1)  # (dG, dA without the bias)
+            gw = grads[iw].reshape(grads[iw].shape[0], -1)  # (dG, dA without the bias)
             m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
             if form:
                 x, block_sums = KroneckerBlock.apply_inverse_with_form(inv, m)
