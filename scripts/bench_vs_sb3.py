@@ -11,8 +11,11 @@ Fisher-vector product is F/d; ours bounds the KL itself. The presets hold our jo
 ``max_kl`` (0.01·d on MuJoCo) and sb3 gets ``target_kl = max_kl / d``: ``--kl-match sum``
 (default) is then the same trust region on both sides; ``--kl-match nominal`` also gives ours
 the per-dimension number (the setting of the first run in docs/bench_vs_sb3.md). Both are the
-same for discrete actions. Vectorization: sb3's ``DummyVecEnv`` vs our Gymnasium
-``SyncVectorEnv`` (both in-process, one env after the other).
+same for discrete actions. Vectorization: sb3's ``DummyVecEnv`` vs our ``LeanSyncVectorEnv``
+(a Gymnasium ``SyncVectorEnv``; both in-process, one env after the other). Threads: both sides
+run torch with one intra-op thread; ours fits the critic in a second Python thread (one
+TorchScript call, no GIL) while the main thread takes the policy step, so its update can use
+both cores; its process CPU time counts both threads.
 
 Every run is a fresh subprocess (``torch.set_num_threads(1)``); sb3 and ours alternate (the order
 flips on every repeat) so that load from other jobs on a shared machine hits both alike. Reported
