@@ -453,16 +453,23 @@ class OnPolicyNaturalAlgorithm:
 
         actor_before = flat_params(policy.actor).clone()
         critic_before = flat_params(critic).clone()
-        # The critic fit does not depend on the policy step: where it is the scripted Adam fit,
-        # it runs in a background thread (without the GIL) while this thread takes the step.
+        # The critic fit does not depend on the policy step: where it is the scripted Adam fit of
+        # this class's own _critic_update, it runs in a background thread (without the GIL)
+        # while this thread takes the step.
         perms = self._critic_perms(obs.shape[0], obs.device)
         activation = scripted_activation(critic, self.vf_optimizer)
         background = None
-        if activation is not None and self.vf_epochs > 0:
+        own_critic_fit = type(self)._critic_update is not OnPolicyNaturalAlgorithm._critic_update
+        if activation is not None and self.vf_epochs > 0 and not own_critic_fit:
             background = BackgroundFit(
                 critic, self.vf_optimizer, activation, obs, returns, perms, self.vf_minibatch
             )
-        metrics = self._policy_update(obs, actions, advantages)
+        try:
+            metrics = self._policy_update(obs, actions, advantages)
+        except BaseException:
+            if background is not None:
+                background.wait()  # never leave the critic changing behind the caller's back
+            raise
         if background is not None:
             losses, metrics["time_critic"] = background.result()
             metrics["value_loss"] = _mean_loss(losses)

@@ -99,7 +99,8 @@ def scripted_activation(critic: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """The activation name if ``critic``/``optimizer`` can use the scripted fit, else ``None``.
 
     It needs an ``nn.Sequential`` MLP (:func:`npg.model.find_linear_stack`) with a scalar output
-    and a plain ``torch.optim.Adam`` over exactly its parameters.
+    and a plain ``torch.optim.Adam`` (default multi-tensor update, no weight decay, AMSGrad,
+    fused or capturable variants) over exactly its parameters.
     """
     stack = find_linear_stack(critic) if isinstance(critic, nn.Sequential) else None
     if stack is None or stack.layers[-1].out_features != 1:
@@ -112,6 +113,10 @@ def scripted_activation(critic: nn.Module, optimizer: torch.optim.Optimizer) -> 
         or options["weight_decay"] != 0
         or options["amsgrad"]
         or options["maximize"]
+        or options.get("fused")
+        or options.get("capturable")
+        or options.get("differentiable")
+        or options.get("decoupled_weight_decay")
         or isinstance(options["lr"], Tensor)
     ):
         return None
@@ -168,12 +173,13 @@ class BackgroundFit:
     """:func:`fit_critic` in a thread (the scripted function runs without the GIL).
 
     ``result()`` joins, re-raises the thread's exception if any, and returns
-    ``(losses, seconds the fit took)``.
+    ``(losses, seconds the fit took)``; ``wait()`` only joins (for error paths).
     """
 
     def __init__(self, *args: object) -> None:
         self._args = args
         self._threads = torch.get_num_threads()  # intra-op threads are set per thread
+        _scripted_fit()  # compile here, in the caller's thread, never concurrently
         self._out: tuple[Tensor, float] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="critic-fit", daemon=True)
@@ -188,8 +194,12 @@ class BackgroundFit:
         except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
             self._error = e
 
-    def result(self) -> tuple[Tensor, float]:
+    def wait(self) -> None:
+        """Block until the fit has finished (successfully or not)."""
         self._thread.join()
+
+    def result(self) -> tuple[Tensor, float]:
+        self.wait()
         if self._error is not None:
             raise self._error
         assert self._out is not None

@@ -42,11 +42,12 @@ def compute_gae(
     delta = rewards + gamma * next_values - values
     decay = gamma * gae_lambda * not_done
     if valid is not None:  # a dropped transition: A_t = 0 and nothing flows back past it
-        delta = np.where(valid, delta, 0.0).astype(values.dtype, copy=False)
-        decay = np.where(valid, decay, 0.0).astype(values.dtype, copy=False)
-    # the one sequential part, A_t = δ_t + γλ (1 - done_t) A_{t+1}, two ufunc calls per step
-    adv = np.empty_like(delta)
-    running = np.zeros_like(last_values)
+        delta = np.where(valid, delta, 0.0)
+        decay = np.where(valid, decay, 0.0)
+    # the one sequential part, A_t = δ_t + γλ (1 - done_t) A_{t+1}, two ufunc calls per step,
+    # in the inputs' common precision; the advantages are stored in the values' dtype
+    adv = np.empty_like(values)
+    running = np.zeros(last_values.shape, np.result_type(delta, decay))
     for t in range(rewards.shape[0] - 1, -1, -1):
         running = np.multiply(decay[t], running, out=running)
         running = np.add(delta[t], running, out=running)

@@ -110,10 +110,11 @@ def make_vec_env(
 class LeanSyncVectorEnv(SyncVectorEnv):
     """``SyncVectorEnv`` with a leaner ``step`` for the case ``make_vec_env`` builds.
 
-    Same results, infos and copying semantics as Gymnasium's ``step`` in ``SAME_STEP`` mode with
-    a ``Box`` observation space and an array of actions, without its per-step generic-space
-    dispatch (``iterate``/``concatenate``), the ``deepcopy`` of the observations and the info
-    merging of empty infos: on CartPole this halves the vector env's own overhead per step.
+    Same results and infos as Gymnasium's ``step`` (observations always copied) in ``SAME_STEP``
+    mode with a ``Box`` observation space and one action row per env, without its per-step
+    generic-space dispatch (``iterate``/``concatenate``), the ``deepcopy`` of the observations
+    and the info merging of empty infos: on CartPole this halves the vector env's own overhead
+    per step.
     Anything else is handed to Gymnasium's implementation.
 
     With ``step_infos=False`` the sub-envs' per-step info dicts are not merged (episode ends
@@ -129,6 +130,7 @@ class LeanSyncVectorEnv(SyncVectorEnv):
         if (
             self.autoreset_mode != AutoresetMode.SAME_STEP
             or not isinstance(actions, np.ndarray)
+            or len(actions) != self.num_envs
             or not isinstance(self.single_observation_space, spaces.Box)
         ):
             return super().step(actions)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -107,3 +109,23 @@ def test_agent_critic_paths_agree():
         assert torch.equal(m_fast[k], m_slow[k]), k
     fast.close()
     slow.close()
+
+
+def test_a_failing_policy_step_waits_for_the_critic_fit(monkeypatch) -> None:
+    """If the policy step raises, the background fit is finished before the error propagates:
+    nothing changes the critic afterwards."""
+    agent = TRPO("MlpPolicy", "CartPole-v1", n_envs=2, n_steps=64, vf_minibatch=8, vf_epochs=30)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("policy step failed")
+
+    monkeypatch.setattr(agent, "_policy_update", broken)
+    with pytest.raises(RuntimeError, match="policy step failed"):
+        agent.learn(128)
+    assert not any(t.name == "critic-fit" and t.is_alive() for t in threading.enumerate())
+    snapshot = [p.detach().clone() for p in agent.policy.critic.parameters()]
+    time.sleep(0.05)
+    assert all(
+        torch.equal(a, b) for a, b in zip(snapshot, agent.policy.critic.parameters(), strict=True)
+    )
+    agent.close()

@@ -92,3 +92,36 @@ def test_dropped_transition_gets_no_advantage_and_the_step_before_bootstraps() -
     # t=1: δ = 1 + 0.99·10 - 10 = 0.9, and A2 = 0 adds nothing;  t=0: A0 = 0.9 + γλ·0.9
     np.testing.assert_allclose(adv[:, 0], [0.9 + gamma * lam * 0.9, 0.9, 0.0, 0.9], rtol=1e-6)
     np.testing.assert_allclose(ret[:2, 0], [10.0 + 0.9 + gamma * lam * 0.9, 10.9], rtol=1e-6)
+
+
+def _reference_gae(
+    rewards, values, last_values, terminated, truncated, final_values, g, lam, valid
+):
+    """The textbook backward loop, one step at a time (the formula in compute_gae's docstring)."""
+    adv = np.zeros_like(values)
+    running = np.zeros_like(last_values)
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        nxt = last_values if t == rewards.shape[0] - 1 else values[t + 1]
+        nxt = np.where(terminated[t], 0.0, np.where(truncated[t], final_values[t], nxt))
+        not_done = (~(terminated[t] | truncated[t])).astype(values.dtype)
+        running = rewards[t] + g * nxt - values[t] + g * lam * not_done * running
+        running = np.where(valid[t], running, 0.0)
+        adv[t] = running
+    return adv
+
+
+@pytest.mark.parametrize("reward_dtype", [np.float32, np.float64])
+def test_matches_the_step_by_step_loop_bit_for_bit(reward_dtype) -> None:
+    rng = np.random.default_rng(0)
+    t, e = 200, 3
+    rewards = rng.standard_normal((t, e)).astype(reward_dtype)
+    values = rng.standard_normal((t, e)).astype(np.float32)
+    last, final = rng.standard_normal(e).astype(np.float32), rng.standard_normal((t, e))
+    terminated = rng.random((t, e)) < 0.03
+    truncated = (rng.random((t, e)) < 0.03) & ~terminated
+    valid = rng.random((t, e)) > 0.05
+    args = (rewards, values, last, terminated, truncated, final.astype(np.float32), 0.99, 0.95)
+    adv, ret = compute_gae(*args, valid)
+    assert adv.dtype == values.dtype
+    np.testing.assert_array_equal(adv, _reference_gae(*args, valid))
+    np.testing.assert_array_equal(ret, adv + values)

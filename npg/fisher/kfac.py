@@ -122,7 +122,7 @@ class KroneckerBlock:
         # apply_inverse_with_form), with Ĝ = G + c_G I, Â = A + c_A I
         c_g, c_a = gamma / pi, pi * gamma
         weights = [[1.0, 1.0], [0.0, -c_a], [0.0, -c_g], [0.0, c_g * c_a]]
-        return ("pi", g_inv, a_inv, torch.tensor(weights, dtype=self.A.dtype))
+        return ("pi", g_inv, a_inv, torch.tensor(weights, dtype=self.A.dtype, device=self.A.device))
 
     @staticmethod
     def apply_inverse(inverse: tuple, m: Tensor) -> Tensor:
