@@ -10,6 +10,9 @@ product on a 64×64 policy; ``scripts/bench_fisher.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -69,14 +72,10 @@ def _vjp(
     return gw, gb
 
 
-_scripted: dict[str, torch.jit.ScriptFunction] = {}
-
-
-def _script(name: str):
+@cache
+def _script(fn: Callable) -> torch.jit.ScriptFunction:
     """The TorchScript version of one of the sweeps above, compiled on first use."""
-    if name not in _scripted:
-        _scripted[name] = torch.jit.script(globals()[name])
-    return _scripted[name]
+    return torch.jit.script(fn)
 
 
 class StackJacobian:
@@ -95,7 +94,7 @@ class StackJacobian:
         self._b_names = [name[id(lin.bias)] for lin in stack.layers]
         self._log_std = None if stack.log_std is None else name[id(stack.log_std)]
         with torch.no_grad():
-            self.hs, self.slopes, mean = _script("_forward")(
+            self.hs, self.slopes, mean = _script(_forward)(
                 inputs, self.weights, biases, stack.activation
             )
         self.width = mean.shape[1]
@@ -117,7 +116,7 @@ class StackJacobian:
 
     def jv(self, v: dict[str, Tensor]) -> Tensor:
         """``J v`` with ``v`` given per parameter name; shape ``(N, K)``."""
-        jv = _script("_jvp")(
+        jv = _script(_jvp)(
             self.hs,
             self.slopes,
             self.weights,
@@ -130,7 +129,7 @@ class StackJacobian:
 
     def jtw(self, w: Tensor) -> Tensor:
         """``Jᵀ w`` for an output-space ``w`` of shape ``(N, K)``, flat in ``names`` order."""
-        gw, gb = _script("_vjp")(self.hs, self.slopes, self.weights, w[:, : self.width])
+        gw, gb = _script(_vjp)(self.hs, self.slopes, self.weights, w[:, : self.width])
         grads = dict(zip(self._w_names, gw, strict=True)) | dict(
             zip(self._b_names, gb, strict=True)
         )
