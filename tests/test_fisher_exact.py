@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from npg import make_fisher
 from npg.families import Categorical, GaussianRegression
 from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, MCFisher
+from npg.fisher._per_sample import output_scores, sampled_labels, sampled_scores
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -67,8 +68,7 @@ def test_empirical_matches_loop_of_autograd_grad(arch: str, fid: str) -> None:
 def _mc_labels(family, out: Tensor, n_samples: int, seed: int) -> list[Tensor]:
     """The labels MCFisher draws: one draw on the batch repeated ``n_samples`` times from a
     seeded generator; draw ``s`` of sample ``i`` is row ``s·N + i``."""
-    gen = torch.Generator().manual_seed(seed)
-    draws = family.sample(out.detach().repeat(n_samples, 1), gen)
+    draws = sampled_labels(family, out, n_samples, torch.Generator().manual_seed(seed))
     return list(draws.split(out.shape[0]))
 
 
@@ -267,3 +267,21 @@ def test_operator_is_a_snapshot_of_the_parameters(flavour: str) -> None:
             p.sub_(0.1).div_(1.5)
     if flavour == "exact":
         assert_close(before, dense_fisher(model, x, family))
+
+
+def test_mc_labels_follow_the_model_and_match_their_scores() -> None:
+    """The MC Fishers' Categorical labels (inverse-CDF draws) have the model's class
+    frequencies (every class within 5 standard errors over 100 000 draws per row), and the
+    scores the operators use are those of the same draws."""
+    family = Categorical()
+    out = torch.tensor([[2.0, -1.0, 0.5, -30.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    draws = sampled_labels(family, out, 100_000, torch.Generator().manual_seed(4))
+    p = torch.softmax(out, -1)
+    for i in range(2):
+        freq = torch.bincount(draws.view(-1, 2)[:, i], minlength=4).double() / 100_000
+        se = (p[i] * (1 - p[i]) / 100_000).sqrt()
+        assert bool(((freq - p[i]).abs() <= 5 * se + 1e-12).all()), (freq, p[i])
+    scores = sampled_scores(family, out, 3, torch.Generator().manual_seed(9))
+    labels = sampled_labels(family, out, 3, torch.Generator().manual_seed(9))
+    ref = output_scores(family, out.repeat(3, 1), labels).view(3, 2, 4).transpose(0, 1)
+    assert torch.equal(scores, ref)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from npg import make_fisher
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression
 from npg.fisher import KFACFisher
-from npg.fisher._per_sample import output_scores
+from npg.fisher._per_sample import output_scores, sampled_labels
 from npg.fisher.kfac import ClosureFactors, KroneckerBlock
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -175,7 +175,7 @@ def test_kfac_sampled_and_empirical_labels(arch: str, labels: str) -> None:
     model, x, family = make_case(arch, "categorical", n=4)
     if labels == "mc":
         gen = torch.Generator().manual_seed(5)
-        ys = list(family.sample(model(x).detach().repeat(3, 1), gen).split(x.shape[0]))
+        ys = list(sampled_labels(family, model(x), 3, gen).split(x.shape[0]))
         op = make_fisher("kfac", model, x, family, kfac_labels="mc", n_samples=3, seed=5)
     else:
         ys = [torch_sample(family, model(x), seed=2)]

@@ -109,7 +109,8 @@ class KroneckerBlock:
                 raise ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
             return ("eigen", qg, qa, denom, scale)
         da, dg = self.A.shape[0], self.G.shape[0]
-        ta, tg = float(torch.trace(self.A)) / da, float(torch.trace(self.G)) / dg
+        trace_a, trace_g = torch.stack((self.A.trace(), self.G.trace())).tolist()
+        ta, tg = trace_a / da, trace_g / dg
         pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
         gamma = math.sqrt(damping)
         try:  # the damped factors are symmetric positive definite: invert by Cholesky
@@ -331,8 +332,9 @@ class ClosureFactors:
 # --- helpers -------------------------------------------------------------------------------------
 def _spd_inverse(m: Tensor, shift: float) -> Tensor:
     """``(m + shift·I)⁻¹`` of a symmetric positive semi-definite ``m`` (Cholesky)."""
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(m + shift * eye))
+    shifted = m.clone()
+    shifted.diagonal().add_(shift)
+    return torch.cholesky_inverse(torch.linalg.cholesky(shifted))
 
 
 def _output_vectors(
@@ -356,7 +358,8 @@ def _factors(
     a = _layer_rows(module, layer_in, with_bias)
     g = _grad_rows(module, g, n, g.shape[0])
     a_rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-    return a, g, a_rows.T @ a_rows / (n * a.shape[1]), g_rows.T @ g_rows / (n * norm)
+    a_factor = torch.mm(a_rows.T, a_rows).div_(n * a.shape[1])
+    return a, g, a_factor, torch.mm(g_rows.T, g_rows).div_(n * norm)
 
 
 def block_diagonal_mv(
