@@ -16,6 +16,10 @@ hits both alike):
   the ``ExactFisher`` constructor; K-FAC: the ``KFACFisher`` constructor),
 * ``cg10``: setup + a 10-iteration CG solve (``tol=0``, damping 0.1, npg's CG for both),
 * ``kfac``: build + damped solve (factor inverses included), and the solve alone (cached).
+* on CPU, the matrix-multiply work of one product of each kind (multiply-adds and number of
+  matmuls, from the operand shapes the profiler records): the ratio of the exact product's
+  work to the baseline's bounds the time ratio any implementation with those matmuls can reach
+  at equal matmul throughput.
 
 Peak memory (``--memory``): each phase runs in a fresh subprocess; after the model, data and a
 warm-up of all three code paths on 8 rows (so that first-use costs such as module imports are
@@ -148,6 +152,26 @@ def double_backward_hvp(
     return hvp
 
 
+# --- matrix-multiply work ------------------------------------------------------------------------
+_MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+def matmul_work(fn: Callable[[], object]) -> tuple[float, int]:
+    """Multiply-adds and number of matrix multiplications of one call of ``fn``, read from the
+    operand shapes the profiler records (the last two 2-D operands of every ``mm``/``addmm``).
+    This is the work no implementation of the same product can skip, whatever its overheads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    macs, count = 0, 0
+    for event in prof.events():
+        if event.name in _MATMULS:
+            (n, k), (_, m) = [s for s in event.input_shapes if len(s) == 2][-2:]
+            macs, count = macs + n * k * m, count + 1
+    return float(macs), count
+
+
 # --- timing --------------------------------------------------------------------------------------
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -232,6 +256,11 @@ def bench_case(
         record("kfac_solve_cached", lambda k=k: k.inverse_mv(g, DAMPING))
 
     res = {"case": name, "batch": batch, "dim": dim, "rel_err_vs_db": rel_err}
+    if device == "cpu":
+        res["matmul_work"] = {
+            key: dict(zip(("macs", "matmuls"), matmul_work(lambda mv=mv: mv(v)), strict=True))
+            for key, mv in (("db_product", h), ("exact_product", e.mv))
+        }
     for stat, fn in (("median", statistics.median), ("min", min)):
         val = {key: fn(vals) for key, vals in t.items()}
         res[f"{stat}_ms"] = {key: 1e3 * x for key, x in val.items()}
@@ -355,6 +384,14 @@ def main() -> None:
             print(f"  {key:<32} {val:7.3f} {res['min_ratios'][key]:7.3f}")
         for key, val in res.get("peak_mem_mib", {}).items():
             print(f"  peak memory rise {key:<18} {val:8.1f} MiB")
+        work = res.get("matmul_work")
+        if work:
+            db, ex = work["db_product"], work["exact_product"]
+            print(
+                f"  matmul work per product: double-backward {db['macs'] / 1e6:.1f} M "
+                f"multiply-adds in {db['matmuls']} matmuls, exact {ex['macs'] / 1e6:.1f} M in "
+                f"{ex['matmuls']}; ratio {ex['macs'] / db['macs']:.3f}"
+            )
     print(f"\nload avg at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
