@@ -47,6 +47,11 @@ def _closure(opt, model, loss_fn, x, y):
     return closure
 
 
+def _ngd(model: nn.Module, loss_fn, **options) -> NGD:
+    """NGD over all of ``model``'s parameters, for ``loss_fn``."""
+    return NGD(model.parameters(), model=model, loss_fn=loss_fn, **options)
+
+
 def _loss_grad_hessian(model, loss_fn, x, y):
     """Gradient and Hessian of the loss w.r.t. the flat parameters (autograd, no npg)."""
     names = [n for n, _ in model.named_parameters()]
@@ -82,10 +87,9 @@ def test_step_is_minus_lr_inverse_fisher_gradient(flavour):
         fisher = torch.diag(torch.diagonal(fisher))
     elif flavour == "kfac":
         fisher = KFACFisher(model, x, Categorical(), "exact", inverse="eigen").to_dense()
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
+    opt = _ngd(
+        model,
+        loss_fn,
         fisher=flavour,
         lr=lr,
         damping=lam,
@@ -130,16 +134,7 @@ def test_curvature_is_the_loss_hessian_for_canonical_glms(loss_fn, k, target_kin
     lam = 1e-3
     grad, hess = _loss_grad_hessian(model, loss_fn, x, y)
     expected = -torch.linalg.solve(hess + lam * torch.eye(len(grad)), grad)
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        fisher="exact",
-        lr=1.0,
-        damping=lam,
-        cg_iters=100,
-        cg_tol=1e-14,
-    )
+    opt = _ngd(model, loss_fn, fisher="exact", lr=1.0, damping=lam, cg_iters=100, cg_tol=1e-14)
     before = _flat(model)
     opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-7, atol=1e-12)
@@ -153,16 +148,7 @@ def test_kl_trust_region_step_size():
     fisher = dense_fisher(model, x, Categorical())
     with torch.no_grad():
         out_old = model(x)
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        fisher="exact",
-        lr=None,
-        max_kl=max_kl,
-        damping=1e-3,
-        cg_iters=100,
-    )
+    opt = _ngd(model, loss_fn, fisher="exact", lr=None, max_kl=max_kl, damping=1e-3, cg_iters=100)
     before = _flat(model)
     opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     delta = _flat(model) - before
@@ -183,15 +169,7 @@ def test_kl_trust_region_with_running_kfac():
     model, (x, y) = _mlp(), _data()
     loss_fn = nn.CrossEntropyLoss()
     fisher = KFACFisher(model, x, Categorical(), "exact").to_dense()
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        fisher="kfac",
-        lr=None,
-        max_kl=1e-4,
-        damping=1e-2,
-    )
+    opt = _ngd(model, loss_fn, fisher="kfac", lr=None, max_kl=1e-4, damping=1e-2)
     before = _flat(model)
     opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     delta = _flat(model) - before
@@ -204,15 +182,7 @@ def test_kl_clipping_only_shrinks_large_steps():
     alphas = {}
     for lr in (1e-3, 10.0):
         model = _mlp()
-        opt = NGD(
-            model.parameters(),
-            model=model,
-            loss_fn=loss_fn,
-            fisher="exact",
-            lr=lr,
-            max_kl=1e-3,
-            damping=1e-3,
-        )
+        opt = _ngd(model, loss_fn, fisher="exact", lr=lr, max_kl=1e-3, damping=1e-3)
         opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
         alphas[lr] = opt.last_info
     assert alphas[1e-3]["alpha"] == 1e-3 and alphas[1e-3]["kl"] < 1e-3
@@ -243,10 +213,9 @@ def test_kfac_kl_clip_measures_the_factors_it_inverted():
     inverses were built from (``F̂₀``), not the averages refreshed since."""
     loss_fn = nn.CrossEntropyLoss()
     model = _mlp()
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
+    opt = _ngd(
+        model,
+        loss_fn,
         fisher="kfac",
         lr=3.0,
         max_kl=1e-3,
@@ -280,10 +249,9 @@ def test_damped_kl_model_bounds_the_damped_curvature(fisher):
     model, (x, y) = _mlp(), _data()
     loss_fn = nn.CrossEntropyLoss()
     lam, max_kl = 1e-2, 1e-4
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
+    opt = _ngd(
+        model,
+        loss_fn,
         fisher=fisher,
         lr=None,
         max_kl=max_kl,
@@ -448,15 +416,7 @@ def _logreg():
 def test_lm_damping_adapts(lr, direction):
     model, x, y = _logreg()
     loss_fn = nn.BCEWithLogitsLoss()
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        fisher="exact",
-        lr=lr,
-        damping=1.0,
-        adaptive_damping=True,
-    )
+    opt = _ngd(model, loss_fn, fisher="exact", lr=lr, damping=1.0, adaptive_damping=True)
     loss0 = float(loss_fn(model(x), y).detach())
     opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
     info = opt.last_info
@@ -476,10 +436,9 @@ def test_momentum_accumulates_natural_directions():
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     loss_fn = nn.MSELoss()
     lam, lr, mu = 0.1, 0.5, 0.9
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
+    opt = _ngd(
+        model,
+        loss_fn,
         fisher="exact",
         lr=lr,
         damping=lam,
@@ -520,15 +479,7 @@ def test_kfac_decreases_loss_with_running_averages():
     x, y = _data(n=64)
     loss_fn = nn.CrossEntropyLoss()
     model = _mlp()
-    opt = NGD(
-        model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        fisher="kfac",
-        lr=0.5,
-        damping=1e-2,
-        kfac_inv_interval=5,
-    )
+    opt = _ngd(model, loss_fn, fisher="kfac", lr=0.5, damping=1e-2, kfac_inv_interval=5)
     loss0 = float(loss_fn(model(x), y).detach())
     for _ in range(20):
         opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
@@ -614,10 +565,9 @@ def test_kfac_factors_from_the_closure_equal_the_general_path() -> None:
     runs = []
     for copy_inputs in (False, True):
         model = _mlp()
-        opt = NGD(
-            model.parameters(),
-            model=model,
-            loss_fn=loss_fn,
+        opt = _ngd(
+            model,
+            loss_fn,
             lr=3.0,
             max_kl=1e-3,
             damping=1e-2,
