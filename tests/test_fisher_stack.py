@@ -93,3 +93,34 @@ def test_find_linear_stack() -> None:
     assert find_linear_stack(nn.Sequential(nn.Linear(2, 3, bias=False))) is None
     assert find_linear_stack(Hidden(nn.Linear(2, 3))) is None
     assert find_linear_stack(None) is None
+
+
+@pytest.mark.parametrize("labels", ["exact", "mc", "empirical"])
+def test_kfac_free_log_std_block_in_closed_form(labels: str, monkeypatch) -> None:
+    """For a described Gaussian policy K-FAC takes the free log-std's diagonal block from the
+    label vectors (and backpropagates only the columns that reach the MLP); it equals the
+    block from per-sample gradients that the undescribed model gets, and so does everything
+    else. A wrong description is not used."""
+    from npg.fisher import KFACFisher
+    from npg.fisher import kfac as kfac_module
+
+    model, x, family = make_case("mlp_tanh", "gauss_free_std", n=6)
+    described = StackedFreeLogStd(model.body, model.log_std.numel())
+    y = family.sample(described(x), torch.Generator().manual_seed(3))
+    kw = dict(labels=labels, targets=y, n_samples=3, seed=7)
+    slow = KFACFisher(Hidden(described), x, family, **kw)
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return per_sample_grads(*args)
+
+    per_sample_grads = kfac_module.per_sample_grads
+    monkeypatch.setattr(kfac_module, "per_sample_grads", spy)
+    fast = KFACFisher(described, x, family, **kw)
+    assert not calls  # the closed form needed no per-sample gradients
+    assert_close(fast.to_dense(), slow.to_dense())
+    assert [s.start for s in fast.diag_slices] == [s.start for s in slow.diag_slices]
+    liar = StackedFreeLogStd(model.body, model.log_std.numel(), claimed="relu")
+    assert_close(KFACFisher(liar, x, family, **kw).to_dense(), slow.to_dense())
+    assert calls  # the wrong description fell back to per-sample gradients

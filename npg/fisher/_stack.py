@@ -72,6 +72,23 @@ def _vjp(
     return gw, gb
 
 
+def _with_log_std(mean: Tensor, log_std: Tensor | None) -> Tensor:
+    """The stack's output: the MLP's, with a free log-std appended to every row."""
+    if log_std is None:
+        return mean
+    return torch.cat([mean, log_std.detach().expand_as(mean)], 1)
+
+
+def stack_output(stack: LinearStack, inputs: Tensor) -> Tensor:
+    """The output that ``stack`` describes, on ``inputs`` (no gradient): what a caller compares
+    with the module's own output before it relies on the description."""
+    weights = [lin.weight.detach() for lin in stack.layers]
+    biases = [lin.bias.detach() for lin in stack.layers]
+    with torch.no_grad():
+        _, _, mean = _script(_forward)(inputs, weights, biases, stack.activation)
+    return _with_log_std(mean, stack.log_std)
+
+
 @cache
 def _script(fn: Callable) -> torch.jit.ScriptFunction:
     """The TorchScript version of one of the sweeps above, compiled on first use."""
@@ -98,9 +115,7 @@ class StackJacobian:
                 inputs, self.weights, biases, stack.activation
             )
         self.width = mean.shape[1]
-        if stack.log_std is not None:
-            mean = torch.cat([mean, stack.log_std.detach().expand_as(mean)], 1)
-        self.out = mean
+        self.out = _with_log_std(mean, stack.log_std)
 
     @staticmethod
     def applies(stack: LinearStack | None, inputs: object, params: dict[str, Tensor]) -> bool:

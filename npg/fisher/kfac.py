@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from npg.fisher._per_sample import output_scores, per_sample_grads, sampled_scores
+from npg.fisher._stack import stack_output
 from npg.fisher.base import DirectlyInvertible
-from npg.model import FunctionalModel
+from npg.model import FunctionalModel, find_linear_stack
 
 LABELS = ("exact", "mc", "empirical")
 INVERSES = ("pi", "eigen")
@@ -207,7 +208,19 @@ class KFACFisher(DirectlyInvertible):
         covered = {p for m, _, _ in layers for p in _param_names(model, m)}
         other = [n for n in self.fmodel.names if n not in covered]
         w, norm = _output_vectors(self.family, labels, out.detach(), targets, n_samples, seed)
-        grads = _backward_columns(out, [o for _, o in captured], w)
+        diag = {}  # diagonal blocks by parameter name
+        log_std = _free_log_std(model, self.fmodel, inputs, out, other)
+        w_layers = w
+        if log_std is not None:
+            # per-sample ∂⟨out_i, w_ic⟩/∂log_std = w_ic's log-std part: the block in closed form;
+            # columns that are zero on the MLP's part (the log-std columns of √F_out) reach no
+            # layer and are not backpropagated
+            width = out.shape[1] // 2
+            diag[log_std] = w[:, :, width:].pow(2).sum((0, 1)) / (self.n * norm)
+            reach = w[:, :, :width].abs().amax((0, 2)) > 0
+            if bool(reach.any()):
+                w_layers = w[:, reach]
+        grads = _backward_columns(out, [o for _, o in captured], w_layers)
 
         self.blocks: list[KroneckerBlock] = []
         for (module, wslice, bslice), (layer_in, _), g in zip(layers, captured, grads, strict=True):
@@ -219,13 +232,14 @@ class KFACFisher(DirectlyInvertible):
                 block.ekfac_scale = m.pow(2).sum((0, 1)) / (self.n * norm)
             self.blocks.append(block)
 
-        self.diag_slices = [offsets[n] for n in other]
-        if other:
-            sub = FunctionalModel(model, other)
+        rest = [n for n in other if n not in diag]
+        if rest:
+            sub = FunctionalModel(model, rest)
             d = per_sample_grads(sub, inputs, w).pow(2).sum((0, 1)) / (self.n * norm)
-            self.diag_values = d.split([s.stop - s.start for s in self.diag_slices])
-        else:
-            self.diag_values = ()
+            sizes = [offsets[n].stop - offsets[n].start for n in rest]
+            diag.update(zip(rest, d.split(sizes), strict=True))
+        self.diag_slices = [offsets[n] for n in other]
+        self.diag_values = tuple(diag[n] for n in other)
 
     # --- products ------------------------------------------------------------------------------
     def _mv(self, v: Tensor) -> Tensor:
@@ -403,6 +417,26 @@ def _kfac_layers(model: nn.Module, offsets: dict[str, slice]):
             continue  # weight selected without its bias: leave both to the diagonal
         layers.append((module, offsets[names[id(module.weight)]], offsets.get(bias_name)))
     return layers
+
+
+def _free_log_std(
+    model: nn.Module, fmodel: FunctionalModel, inputs, out: Tensor, names: list[str]
+) -> str | None:
+    """The name, among ``names``, of the free log-std of a model that describes itself as a
+    :class:`~npg.model.LinearStack` with one, if the description reproduces ``out``; else
+    ``None``. Its output is then ``[mlp(x), log_std]`` per row, which fixes its diagonal block."""
+    stack = find_linear_stack(model)
+    if stack is None or stack.log_std is None or not isinstance(inputs, Tensor):
+        return None
+    name = next((n for n in names if fmodel.params[n] is stack.log_std), None)
+    if name is None or inputs.ndim != 2 or stack.activation not in ("tanh", "relu"):
+        return None
+    described = stack_output(stack, inputs)
+    if described.shape != out.shape or not torch.allclose(
+        described, out.detach(), rtol=1e-5, atol=1e-6
+    ):
+        return None
+    return name
 
 
 def _forward_with_capture(
