@@ -17,9 +17,9 @@ hits both alike):
 * ``cg10``: setup + a 10-iteration CG solve (``tol=0``, damping 0.1, npg's CG for both),
 * ``kfac``: build + damped solve (factor inverses included), and the solve alone (cached).
 * on CPU, the matrix-multiply work of one product of each kind (multiply-adds and number of
-  matmuls, from the operand shapes the profiler records): the ratio of the exact product's
-  work to the baseline's bounds the time ratio any implementation with those matmuls can reach
-  at equal matmul throughput.
+  matrix products, from the operand shapes the profiler records). The ratio of the exact
+  product's work to the baseline's bounds the ratio of their matmul times at equal
+  throughput; the total times also carry each side's elementwise work.
 
 Peak memory (``--memory``): each phase runs in a fresh subprocess; after the model, data and a
 warm-up of all three code paths on 8 rows (so that first-use costs such as module imports are
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -153,22 +154,35 @@ def double_backward_hvp(
 
 
 # --- matrix-multiply work ------------------------------------------------------------------------
-_MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")
+# operand positions (the last two operands of rank >= 1) are read from the recorded shapes
+_MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+_MATVECS = ("aten::mv", "aten::addmv", "aten::addmv_")
 
 
 def matmul_work(fn: Callable[[], object]) -> tuple[float, int]:
-    """Multiply-adds and number of matrix multiplications of one call of ``fn``, read from the
-    operand shapes the profiler records (the last two 2-D operands of every ``mm``/``addmm``).
-    This is the work no implementation of the same product can skip, whatever its overheads."""
+    """Multiply-adds and number of matrix products (``mm``/``addmm``/``bmm``/``baddbmm`` and
+    matrix-vector ``mv``/``addmv``) of one call of ``fn``, from the operand shapes the
+    profiler records. It is the matmul work of this implementation of a product; the ratio of
+    two implementations' work bounds the ratio of their matmul times at equal throughput, not
+    the ratio of their total times."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     macs, count = 0, 0
     for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in _MATMULS + _MATVECS:
+            parent = parent.cpu_parent
+        if parent is not None:  # inside a counted product (``mv`` runs ``addmv_``)
+            continue
+        shapes = [s for s in event.input_shapes if isinstance(s, list) and len(s) >= 1]
         if event.name in _MATMULS:
-            (n, k), (_, m) = [s for s in event.input_shapes if len(s) == 2][-2:]
-            macs, count = macs + n * k * m, count + 1
+            a, b = shapes[-2:]
+            macs, count = macs + math.prod(a) * b[-1], count + 1
+        elif event.name in _MATVECS:
+            a = shapes[-2]
+            macs, count = macs + math.prod(a), count + 1
     return float(macs), count
 
 
@@ -257,9 +271,13 @@ def bench_case(
 
     res = {"case": name, "batch": batch, "dim": dim, "rel_err_vs_db": rel_err}
     if device == "cpu":
+        products = {
+            "db_product": double_backward_hvp(model, x, family),
+            "exact_product": ExactFisher(model, x, family).mv,
+        }
         res["matmul_work"] = {
             key: dict(zip(("macs", "matmuls"), matmul_work(lambda mv=mv: mv(v)), strict=True))
-            for key, mv in (("db_product", h), ("exact_product", e.mv))
+            for key, mv in products.items()
         }
     for stat, fn in (("median", statistics.median), ("min", min)):
         val = {key: fn(vals) for key, vals in t.items()}

@@ -19,6 +19,9 @@ def test_matmul_work_counts_mm_and_addmm() -> None:
     c = torch.randn(5, 2)
     assert bf.matmul_work(lambda: torch.addmm(bias, a, b) @ c) == (3 * 4 * 5 + 3 * 5 * 2, 2)
     assert bf.matmul_work(lambda: a + 1) == (0, 0)
+    batched, vec = torch.randn(2, 3, 4), torch.randn(4)
+    assert bf.matmul_work(lambda: torch.bmm(batched, torch.randn(2, 4, 5))) == (2 * 3 * 4 * 5, 1)
+    assert bf.matmul_work(lambda: torch.mv(a, vec)) == (3 * 4, 1)
 
 
 def test_exact_product_work_is_one_jvp_and_one_vjp() -> None:

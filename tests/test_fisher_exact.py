@@ -269,19 +269,25 @@ def test_operator_is_a_snapshot_of_the_parameters(flavour: str) -> None:
         assert_close(before, dense_fisher(model, x, family))
 
 
-def test_mc_labels_follow_the_model_and_match_their_scores() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mc_labels_follow_the_model_and_match_their_scores(dtype: torch.dtype) -> None:
     """The MC Fishers' Categorical labels (inverse-CDF draws) have the model's class
-    frequencies (every class within 5 standard errors over 100 000 draws per row), and the
-    scores the operators use are those of the same draws."""
+    frequencies (every class within 5 standard errors over 100 000 draws per row), never a
+    class of probability zero (first and last class here), and the scores the operators use
+    are those of the same draws."""
     family = Categorical()
-    out = torch.tensor([[2.0, -1.0, 0.5, -30.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    draws = sampled_labels(family, out, 100_000, torch.Generator().manual_seed(4))
-    p = torch.softmax(out, -1)
-    for i in range(2):
-        freq = torch.bincount(draws.view(-1, 2)[:, i], minlength=4).double() / 100_000
+    inf = float("inf")
+    out = torch.tensor(
+        [[2.0, -1.0, 0.5, -30.0], [0.0, 0.0, 0.0, 0.0], [-inf, 1.0, 0.0, -inf]], dtype=dtype
+    )
+    draws = sampled_labels(family, out, 100_000, torch.Generator().manual_seed(4)).view(-1, 3)
+    p = torch.softmax(out.double(), -1)
+    for i in range(3):
+        freq = torch.bincount(draws[:, i], minlength=4).double() / 100_000
         se = (p[i] * (1 - p[i]) / 100_000).sqrt()
         assert bool(((freq - p[i]).abs() <= 5 * se + 1e-12).all()), (freq, p[i])
+    assert not bool((draws[:, 2] == 0).any() or (draws[:, 2] == 3).any())
     scores = sampled_scores(family, out, 3, torch.Generator().manual_seed(9))
     labels = sampled_labels(family, out, 3, torch.Generator().manual_seed(9))
-    ref = output_scores(family, out.repeat(3, 1), labels).view(3, 2, 4).transpose(0, 1)
+    ref = output_scores(family, out.repeat(3, 1), labels).view(3, 3, 4).transpose(0, 1)
     assert torch.equal(scores, ref)

@@ -60,18 +60,31 @@ def per_sample_grads(fmodel: FunctionalModel, inputs: Inputs, w: Tensor) -> Tens
 
 
 def _categorical_draws(p: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One label per row of the probabilities ``p`` (..., K), by inverting the row's CDF at a
-    uniform draw: ``y = #{k : Σ_{j≤k} p_j < u}``, so ``P(y = k) = p_k``. One uniform per row
-    instead of ``torch.multinomial``'s exponential race (K exponentials per row), which makes
-    it several times cheaper on small batches. The clamp catches a cumulative sum that rounds
-    below ``u`` at the last class."""
+    """One label per row of the probabilities ``p`` (..., K), by inverting the row's CDF ``c``
+    at a uniform draw ``u`` on ``[0, c_K)``: ``y = #{k : c_k ≤ u}``, so ``P(y = k) = p_k``
+    (a class of probability zero has an empty interval, also at ``u = 0``, and scaling by
+    ``c_K`` absorbs a cumulative sum that rounds below 1). One uniform per row instead of
+    ``torch.multinomial``'s exponential race (K exponentials per row): several times cheaper
+    on small batches. The clamp only catches ``u`` rounding up to ``c_K``."""
+    c = p.cumsum(-1)
     u = torch.rand(p.shape[:-1] + (1,), generator=generator, dtype=p.dtype, device=p.device)
-    return (p.cumsum(-1) < u).sum(-1).clamp_max_(p.shape[-1] - 1)
+    return (c <= u * c[..., -1:]).sum(-1).clamp_max_(p.shape[-1] - 1)
 
 
 def _repeated(out: Tensor, n_samples: int) -> Tensor:
     out = out.detach()
     return out if n_samples == 1 else out.repeat(n_samples, 1)
+
+
+def _draw(
+    family: Family, rows: Tensor, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """One label per row of outputs, and for ``Categorical`` the probabilities it was drawn
+    from (``None`` otherwise)."""
+    if type(family) is Categorical:
+        p = torch.softmax(rows, -1)
+        return _categorical_draws(p, generator), p
+    return family.sample(rows, generator), None
 
 
 def sampled_labels(
@@ -80,10 +93,7 @@ def sampled_labels(
     """The labels the Monte-Carlo Fishers draw: ``n_samples`` per row of ``out`` from one call
     on the batch repeated ``n_samples`` times (row ``s·N + i`` is draw ``s`` for sample ``i``),
     so the cost does not grow with a python loop over draws."""
-    rep = _repeated(out, n_samples)
-    if type(family) is Categorical:
-        return _categorical_draws(torch.softmax(rep, -1), generator)
-    return family.sample(rep, generator)
+    return _draw(family, _repeated(out, n_samples), generator)[0]
 
 
 def sampled_scores(
@@ -91,13 +101,12 @@ def sampled_scores(
 ) -> Tensor:
     """Output scores of the :func:`sampled_labels`, ``(N, S, K)``."""
     n, k = out.shape
-    rep = _repeated(out, n_samples)
-    if type(family) is Categorical:  # onehot(y) - p with the softmax computed once
-        p = torch.softmax(rep, -1)
-        y = _categorical_draws(p, generator).unsqueeze(-1)
-        scores = p.neg().scatter_add_(-1, y, p.new_ones(y.shape))
-    else:
-        scores = output_scores(family, rep, family.sample(rep, generator))
+    rows = _repeated(out, n_samples)
+    y, p = _draw(family, rows, generator)
+    if p is None:
+        scores = output_scores(family, rows, y)
+    else:  # onehot(y) - p, with the softmax computed once
+        scores = p.neg().scatter_add_(-1, y.unsqueeze(-1), p.new_ones(y.shape + (1,)))
     return scores.reshape(n_samples, n, k).transpose(0, 1)
 
 
