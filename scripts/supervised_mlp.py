@@ -25,12 +25,16 @@ from npg.fisher.kfac import KroneckerBlock
 from npg.optim import NGD
 
 BATCH, HIDDEN = 64, 128
-# the headline K-FAC, chosen by the seed study (worst and median epochs over init seeds 0-4,
-# checked on seeds 5-9), not by the single seed-0 run, whose epoch counts are chaotic: ACKTR's
-# damped KL model (kl_model="damped"), factors refreshed with the inverses. It is also the
-# cheapest KL-clipped K-FAC.
-HEADLINE_KFAC = "K-FAC lr=1 damped-KL<=1e-2 damping=1e-2 factors/20"
-# the same step clipped with the exact KL model (NGD's default kl_model)
+ACCURACY_BAR = 0.97  # the test accuracy the issue asks of K-FAC; Adam's tuning is held to it too
+TUNING_SEEDS = (0, 1, 2, 3, 4)  # init seeds that choose Adam's rate and the headline K-FAC
+ADAM_LRS = ("3e-4", "1e-3", "3e-3", "1e-2", "1.5e-2", "2e-2", "3e-2", "5e-2", "1e-1")
+# Adam's tuned rate, as the seed study's rule (:func:`tuned_adam`) chose it
+TUNED_ADAM = "Adam lr=2e-2"
+# the headline K-FAC, as the seed study's rule (:func:`kfac_by_rule`) chose it on the tuning
+# seeds (checked on seeds 5-9), not by the single seed-0 run, whose epoch counts are chaotic:
+# ACKTR's damped KL model (kl_model="damped"), factors refreshed with the inverses
+HEADLINE_KFAC = "K-FAC lr=1 damped-KL<=1e-2 damping=3e-3 factors/20"
+# K-FAC clipped with the exact KL model (NGD's default kl_model), the headline until session 2
 EXACT_KL_KFAC = "K-FAC lr=1 KL<=1e-3 damping=1e-2"
 
 
@@ -113,20 +117,81 @@ def epochs_to_stay(rows: list[dict], target: float) -> int | None:
     return next((r["epoch"] for i, r in enumerate(rows) if all(below[i:])), None)
 
 
+def tuned_adam(runs: dict[tuple[str, int], list[dict]], names: list[str]) -> str:
+    """Adam's tuned learning rate: the lowest median final train loss over :data:`TUNING_SEEDS`
+    among the learning rates whose median test accuracy there meets :data:`ACCURACY_BAR` (the
+    bar K-FAC must meet too; larger rates reach lower training loss by overfitting)."""
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(runs[name, s][-1][key] for s in TUNING_SEEDS)
+
+    eligible = [n for n in names if median(n, "test_acc") >= ACCURACY_BAR]
+    return min(eligible, key=lambda n: median(n, "train_loss"))
+
+
+def kfac_by_rule(rows: list[dict]) -> str:
+    """The K-FAC config the headline rule picks from the seed-study rows: test accuracy at or
+    above :data:`ACCURACY_BAR` on every tuning seed, then the fewest epochs to stay below
+    Adam's loss in the worst tuning seed, ties broken by the median."""
+    per: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["seed"] in TUNING_SEEDS:
+            per.setdefault(r["optimizer"], []).append(r)
+    eligible = [n for n, rs in per.items() if all(r["test_acc"] >= ACCURACY_BAR for r in rs)]
+    return min(
+        eligible,
+        key=lambda n: (
+            max(r["epoch_staying"] for r in per[n]),
+            statistics.median(r["epoch_staying"] for r in per[n]),
+        ),
+    )
+
+
 def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
-    """Per model-initialisation seed: Adam's final train loss at its best lr of the grid, and
-    the epochs every K-FAC config needs to get (and stay) below it; medians over the seeds."""
+    """Adam's learning-rate grid on the tuning seeds and ``seeds``, Adam's tuned rate by
+    :func:`tuned_adam`, then per seed the epochs every K-FAC config needs to get (and stay)
+    below the tuned Adam's final train loss on that seed; medians over the seeds, and the
+    config the headline rule picks."""
+    adam_names = [n for n in configs if n.startswith("Adam")]
+    adam_runs = {
+        (n, s): train(n, configs[n], data, epochs, s)
+        for n in adam_names
+        for s in sorted(set(seeds) | set(TUNING_SEEDS))
+    }
+    adam_rows = []
+    for n in adam_names:
+        for label, group in (("tuning seeds", TUNING_SEEDS), ("study seeds", seeds)):
+            finals = [adam_runs[n, s][-1] for s in group]
+            adam_rows.append(
+                dict(
+                    optimizer=n,
+                    seeds=label,
+                    median_final_train_loss=statistics.median(r["train_loss"] for r in finals),
+                    median_test_acc=statistics.median(r["test_acc"] for r in finals),
+                    min_test_acc=min(r["test_acc"] for r in finals),
+                )
+            )
+    tuned = tuned_adam(adam_runs, adam_names)
+    print(f"\nAdam's grid (tuned: {tuned}):")
+    print_table(
+        adam_rows,
+        ["optimizer", "seeds", "median_final_train_loss", "median_test_acc", "min_test_acc"],
+        {
+            "median_final_train_loss": "{:.2e}",
+            "median_test_acc": "{:.4f}",
+            "min_test_acc": "{:.4f}",
+        },
+    )
+    write_csv("mlp_seeds_adam.csv", adam_rows)
     rows = []
     for seed in seeds:
-        adam = {n: train(n, c, data, epochs, seed) for n, c in configs.items() if "Adam" in n}
-        best_adam = min(adam, key=lambda n: adam[n][-1]["train_loss"])
-        target = adam[best_adam][-1]["train_loss"]
+        target = adam_runs[tuned, seed][-1]["train_loss"]
         for name in (n for n in configs if n.startswith("K-FAC")):
             run = train(name, configs[name], data, epochs, seed)
             rows.append(
                 dict(
                     seed=seed,
-                    adam=best_adam,
+                    adam=tuned,
                     adam_final_loss=target,
                     optimizer=name,
                     final_train_loss=run[-1]["train_loss"],
@@ -136,11 +201,15 @@ def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
                 )
             )
             print(
-                f"seed {seed}: {best_adam} final {target:.3e}; {name}: first "
+                f"seed {seed}: {tuned} final {target:.3e}; {name}: first "
                 f"{rows[-1]['epoch_first']} staying {rows[-1]['epoch_staying']} test acc "
                 f"{rows[-1]['test_acc']:.4f}",
                 flush=True,
             )
+    if set(TUNING_SEEDS) <= set(seeds):
+        pick = kfac_by_rule(rows)
+        note = "" if pick == HEADLINE_KFAC else f" (differs from HEADLINE_KFAC = {HEADLINE_KFAC})"
+        print(f"\nThe headline rule picks {pick}{note}")
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == name]
         rows.append(
@@ -334,18 +403,18 @@ def main() -> None:
 
     kfac_kw = dict(kfac_labels="mc", kfac_decay=0.95, kfac_cov_interval=10, kfac_inv_interval=20)
 
-    def damped_kfac(**intervals):
-        """K-FAC with lr 1, λ 1e-2 and ACKTR's damped KL model (radius 1e-2)."""
-        return ngd("kfac", 1.0, 1e-2, max_kl=1e-2, kl_model="damped", **{**kfac_kw, **intervals})
+    def damped_kfac(damping: float = 1e-2, max_kl: float = 1e-2, **intervals):
+        """K-FAC with lr 1 and ACKTR's damped KL model."""
+        return ngd(
+            "kfac", 1.0, damping, max_kl=max_kl, kl_model="damped", **{**kfac_kw, **intervals}
+        )
 
     configs = {
         "SGD lr=0.01": sgd(0.01),
         "SGD lr=0.03": sgd(0.03),
         "SGD lr=0.1": sgd(0.1),
-        "Adam lr=3e-4": adam(3e-4),
-        "Adam lr=1e-3": adam(1e-3),
-        "Adam lr=3e-3": adam(3e-3),
-        "Adam lr=1e-2": adam(1e-2),
+        "SGD lr=0.3": sgd(0.3),
+        **{f"Adam lr={lr}": adam(float(lr)) for lr in ADAM_LRS},
         "NGD-exact (CG 10) lr=0.3": ngd("exact", 0.3, 1e-2, cg_iters=10),
         "NGD-exact (CG 10) lr=1 KL<=1e-3": ngd("exact", 1.0, 1e-3, cg_iters=10, max_kl=1e-3),
         "NGD-diagonal lr=0.03": ngd("diagonal", 0.03, 1e-2),
@@ -358,7 +427,16 @@ def main() -> None:
         ),
         # ACKTR's KL estimate ½α²gᵀd (kl_model="damped"): no product by the factors
         "K-FAC lr=1 damped-KL<=1e-2 damping=1e-2": damped_kfac(),
-        HEADLINE_KFAC: damped_kfac(kfac_cov_interval=20),
+        "K-FAC lr=1 damped-KL<=1e-2 damping=1e-2 factors/20": damped_kfac(kfac_cov_interval=20),
+        "K-FAC lr=1 damped-KL<=1e-2 damping=3e-3 factors/20": damped_kfac(
+            damping=3e-3, kfac_cov_interval=20
+        ),
+        "K-FAC lr=1 damped-KL<=3e-2 damping=1e-2 factors/20": damped_kfac(
+            max_kl=3e-2, kfac_cov_interval=20
+        ),
+        "K-FAC lr=1 damped-KL<=3e-2 damping=3e-3 factors/20": damped_kfac(
+            max_kl=3e-2, damping=3e-3, kfac_cov_interval=20
+        ),
     }
 
     headline_timing = f"{HEADLINE_KFAC} (inverses/20)"
@@ -372,11 +450,11 @@ def main() -> None:
         # diagnostic, not a training config: the headline's plain step alone (factors and
         # inverses built at the untimed step 0 only), i.e. the ratio if refreshes cost nothing
         f"{HEADLINE_KFAC} (no refresh after step 0)": damped_kfac(
-            kfac_cov_interval=10**9, kfac_inv_interval=10**9
+            damping=3e-3, kfac_cov_interval=10**9, kfac_inv_interval=10**9
         ),
     }
     breakdown_configs = {
-        "headline (damped KL, factors/20)": configs[HEADLINE_KFAC],
+        "headline (damped KL, λ 3e-3, factors/20)": configs[HEADLINE_KFAC],
         "exact KL, factors/10": configs[EXACT_KL_KFAC],
     }
 
@@ -403,7 +481,7 @@ def main() -> None:
         names = [n for n in runs if n.startswith(prefix)]
         return min(names, key=lambda n: runs[n][-1]["train_loss"])
 
-    best_adam = best("Adam")
+    best_adam = TUNED_ADAM  # fixed by the seed study, not by this run
     adam_final = runs[best_adam][-1]["train_loss"]
 
     headline = HEADLINE_KFAC  # fixed by the seed study, not by this run
@@ -423,7 +501,7 @@ def main() -> None:
                 ms_per_step=1e3 * r["time"] / r["step"],
             )
         )
-    print(f"\nDigits MLP, {epochs} epochs, batch {BATCH}; best Adam = {best_adam}")
+    print(f"\nDigits MLP, {epochs} epochs, batch {BATCH}; tuned Adam = {best_adam}")
     print_table(
         summary,
         [
