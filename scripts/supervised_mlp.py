@@ -186,6 +186,7 @@ def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
     rows = []
     for seed in seeds:
         target = adam_runs[tuned, seed][-1]["train_loss"]
+        adam_acc = adam_runs[tuned, seed][-1]["test_acc"]
         for name in (n for n in configs if n.startswith("K-FAC")):
             run = train(name, configs[name], data, epochs, seed)
             rows.append(
@@ -193,6 +194,7 @@ def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
                     seed=seed,
                     adam=tuned,
                     adam_final_loss=target,
+                    adam_test_acc=adam_acc,
                     optimizer=name,
                     final_train_loss=run[-1]["train_loss"],
                     test_acc=run[-1]["test_acc"],
@@ -229,13 +231,19 @@ def seed_study(configs: dict, data, epochs: int, seeds: list[int]) -> None:
             "seed",
             "adam",
             "adam_final_loss",
+            "adam_test_acc",
             "optimizer",
             "final_train_loss",
             "test_acc",
             "epoch_first",
             "epoch_staying",
         ],
-        {"adam_final_loss": "{:.2e}", "final_train_loss": "{:.2e}", "test_acc": "{:.4f}"},
+        {
+            "adam_final_loss": "{:.2e}",
+            "adam_test_acc": "{:.4f}",
+            "final_train_loss": "{:.2e}",
+            "test_acc": "{:.4f}",
+        },
     )
     write_csv("mlp_seeds.csv", rows)
 
