@@ -79,6 +79,26 @@ def _with_log_std(mean: Tensor, log_std: Tensor | None) -> Tensor:
     return torch.cat([mean, log_std.detach().expand_as(mean)], 1)
 
 
+def usable(stack: LinearStack | None, inputs: object) -> bool:
+    """Whether the sweeps here can compute ``stack`` on ``inputs``: a described MLP with a
+    supported activation, on a 2-D input batch."""
+    return (
+        stack is not None
+        and isinstance(inputs, Tensor)
+        and inputs.ndim == 2
+        and stack.activation in ("tanh", "relu")
+        and len(stack.layers) > 0
+    )
+
+
+def reproduces(described: Tensor, out: Tensor) -> bool:
+    """Whether a description's output matches the module's own (float32 tolerance): the
+    check a caller makes before it relies on the description."""
+    return described.shape == out.shape and torch.allclose(
+        described, out.detach(), rtol=1e-5, atol=1e-6
+    )
+
+
 def stack_output(stack: LinearStack, inputs: Tensor) -> Tensor:
     """The output that ``stack`` describes, on ``inputs`` (no gradient): what a caller compares
     with the module's own output before it relies on the description."""
@@ -120,13 +140,8 @@ class StackJacobian:
     @staticmethod
     def applies(stack: LinearStack | None, inputs: object, params: dict[str, Tensor]) -> bool:
         """Whether the stack covers exactly the selected parameters, on a 2-D input batch."""
-        return (
-            stack is not None
-            and isinstance(inputs, Tensor)
-            and inputs.ndim == 2
-            and stack.activation in ("tanh", "relu")
-            and len(stack.layers) > 0
-            and sorted(map(id, stack.parameters())) == sorted(map(id, params.values()))
+        return usable(stack, inputs) and sorted(map(id, stack.parameters())) == sorted(
+            map(id, params.values())
         )
 
     def jv(self, v: dict[str, Tensor]) -> Tensor:

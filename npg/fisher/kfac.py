@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from npg.fisher._per_sample import output_scores, per_sample_grads, sampled_scores
-from npg.fisher._stack import stack_output
+from npg.fisher._stack import reproduces, stack_output, usable
 from npg.fisher.base import DirectlyInvertible
 from npg.model import FunctionalModel, find_linear_stack
 
@@ -426,15 +426,10 @@ def _free_log_std(
     :class:`~npg.model.LinearStack` with one, if the description reproduces ``out``; else
     ``None``. Its output is then ``[mlp(x), log_std]`` per row, which fixes its diagonal block."""
     stack = find_linear_stack(model)
-    if stack is None or stack.log_std is None or not isinstance(inputs, Tensor):
+    if not usable(stack, inputs) or stack.log_std is None:
         return None
     name = next((n for n in names if fmodel.params[n] is stack.log_std), None)
-    if name is None or inputs.ndim != 2 or stack.activation not in ("tanh", "relu"):
-        return None
-    described = stack_output(stack, inputs)
-    if described.shape != out.shape or not torch.allclose(
-        described, out.detach(), rtol=1e-5, atol=1e-6
-    ):
+    if name is None or not reproduces(stack_output(stack, inputs), out):
         return None
     return name
 
