@@ -228,9 +228,10 @@ class _RunningKFAC:
             raise RuntimeError("K-FAC inverses were never computed")
         form = curvature == "form"
         parts: list[Tensor] = list(grads)  # every entry is replaced below
-        sums: list[Tensor] = []  # per block: [gᵀx] or [gᵀx, xᵀF̂₀x]
+        sums: list[Tensor] = []  # per block: gᵀx, or [gᵀx, xᵀF̂₀x]
         for inv, (iw, ib) in zip(self.inverses, self.layout, strict=True):
-            gw = grads[iw].reshape(grads[iw].shape[0], -1)  # (dG, dA without the bias)
+            g_w = grads[iw]
+            gw = g_w.reshape(g_w.shape[0], -1)  # (dG, dA without the bias)
             m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
             if form:
                 x, block_sums = KroneckerBlock.apply_inverse_with_form(inv, m)
@@ -238,20 +239,20 @@ class _RunningKFAC:
             else:
                 x = KroneckerBlock.apply_inverse(inv, m)
                 if curvature:
-                    sums.append(torch.sum(m * x).view(1))
-            if ib is None:
-                parts[iw] = x.view_as(grads[iw])
-            else:
-                parts[iw], parts[ib] = x[:, :-1].view_as(grads[iw]), x[:, -1]
+                    sums.append(torch.dot(m.reshape(-1), x.reshape(-1)))
+            x_w = x if ib is None else x[:, :-1]
+            parts[iw] = x_w if x_w.shape == g_w.shape else x_w.reshape(g_w.shape)
+            if ib is not None:
+                parts[ib] = x[:, -1]
         for i, d in zip(self.diag_index, self.diag_values, strict=True):
             g, d = grads[i], d.view_as(grads[i])
             parts[i] = x = g / (d + self.inverse_damping)
             if curvature:
                 gx = torch.sum(g * x)
-                sums.append(torch.stack((gx, torch.sum(d * x * x))) if form else gx.view(1))
+                sums.append(torch.stack((gx, torch.sum(d * x * x))) if form else gx)
         if not curvature:
             return parts, None
-        return parts, torch.stack(sums).sum(0)
+        return parts, functools.reduce(torch.add, sums).reshape(-1)
 
     def solve(self, g: Tensor, damping: float) -> Tensor:
         """``(F̂ + λI)⁻¹ g`` for a flat vector (``damping`` is ignored: the stored inverses
@@ -466,13 +467,14 @@ class NGD(Optimizer):
         factors across ranks) keeps building them that way."""
         if (
             self.fisher != "kfac"
+            or step % self.kfac_cov_interval != 0
             or self._kfac is None
             or self._pending_kfac_state is not None
             or type(self)._kfac_operator is not NGD._kfac_operator
         ):
             return None
         layers = self._kfac.closure_layers()
-        if layers is None or step % self.kfac_cov_interval != 0:
+        if layers is None:
             return None
         return ClosureFactors(
             self.model,
@@ -494,9 +496,9 @@ class NGD(Optimizer):
         them."""
         group = self.param_groups[0]
         seed = self.seed + step
-        common = dict(params=self._params)
         info: dict[str, Any] = {}
         if self.fisher in ("exact", "mc", "empirical"):
+            common = dict(params=self._params)
             if self.fisher == "exact":
                 op = ExactFisher(self.model, inputs, family, **common)
             elif self.fisher == "mc":
@@ -521,7 +523,7 @@ class NGD(Optimizer):
                 targets,
                 self.n_samples,
                 seed,
-                **common,
+                params=self._params,
             )
             return op.mv, op.inverse_mv, info
         if self.fisher == "ekfac":

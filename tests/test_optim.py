@@ -520,12 +520,33 @@ class _ScaledMLP(nn.Module):
         return self.body(x) * self.scale
 
 
-def test_per_parameter_kfac_step_equals_the_flat_path() -> None:
+class _ConvNet(nn.Module):
+    """A convolution (4-D weight, a Kronecker block over its patches) before a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.head = nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x.view(-1, 2, 3, 3))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "model_cls, n_inputs", [(_ScaledMLP, 4), (_ConvNet, 18)], ids=["mlp+diagonal", "conv"]
+)
+def test_per_parameter_kfac_step_equals_the_flat_path(model_cls, n_inputs: int) -> None:
     """Without momentum K-FAC steps on the per-parameter gradients (no flat vectors); with
     momentum it takes the general flat path. Clearing the momentum buffer before every step makes
     the two the same step: over stale and fresh inverses, KL clipping and adaptive damping."""
     loss_fn = nn.CrossEntropyLoss()
-    batches = [_data(n=16, seed=s) for s in range(9)]
+    batches = []
+    for s in range(9):
+        g = torch.Generator().manual_seed(s)
+        batches.append(
+            (torch.randn(16, n_inputs, generator=g), torch.randint(0, 3, (16,), generator=g))
+        )
     kwargs = dict(
         loss_fn=loss_fn,
         fisher="kfac",
@@ -540,7 +561,7 @@ def test_per_parameter_kfac_step_equals_the_flat_path() -> None:
     )
     runs = []
     for momentum in (0.0, 0.9):
-        model = _ScaledMLP()
+        model = model_cls()
         opt = NGD(model.parameters(), model=model, momentum=momentum, **kwargs)
         infos = []
         for x, y in batches:
