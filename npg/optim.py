@@ -498,15 +498,14 @@ class NGD(Optimizer):
         seed = self.seed + step
         info: dict[str, Any] = {}
         if self.fisher in ("exact", "mc", "empirical"):
-            common = dict(params=self._params)
             if self.fisher == "exact":
-                op = ExactFisher(self.model, inputs, family, **common)
+                op = ExactFisher(self.model, inputs, family, params=self._params)
             elif self.fisher == "mc":
-                op = MCFisher(self.model, inputs, family, self.n_samples, seed, **common)
+                op = MCFisher(self.model, inputs, family, self.n_samples, seed, params=self._params)
             else:
                 if targets is None:
                     raise ValueError("the empirical Fisher needs targets (pass targets=)")
-                op = EmpiricalFisher(self.model, inputs, family, targets, **common)
+                op = EmpiricalFisher(self.model, inputs, family, targets, params=self._params)
 
             def solve(g: Tensor, mu: float) -> Tensor:
                 res = op.cg(g, mu, max_iter=group["cg_iters"], tol=group["cg_tol"])

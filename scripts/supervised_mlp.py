@@ -448,7 +448,7 @@ def main() -> None:
             max_kl=3e-2, damping=3e-3, kfac_cov_interval=20
         ),
         # the exact damped Kronecker inverse (G ⊗ A + λI)⁻¹ from eigendecompositions instead of
-        # π-damping, whose cross terms over-damp once the factors shrink late in training
+        # π-damping's (G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹, which adds cross terms to the damping
         EIGEN_KFAC: damped_kfac(**eigen_options),
         "K-FAC lr=1 damped-KL<=1e-2 damping=3e-3 factors/20 eigen": damped_kfac(
             **{**eigen_options, "damping": 3e-3}

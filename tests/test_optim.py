@@ -26,9 +26,9 @@ def _mlp(seed: int = 0, k: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k))
 
 
-def _data(n: int = 12, k: int = 3, seed: int = 1):
+def _data(n: int = 12, k: int = 3, seed: int = 1, d: int = 4):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
+    x = torch.randn(n, d, generator=g)
     y = torch.randint(0, k, (n,), generator=g)
     return x, y
 
@@ -541,12 +541,7 @@ def test_per_parameter_kfac_step_equals_the_flat_path(model_cls, n_inputs: int) 
     momentum it takes the general flat path. Clearing the momentum buffer before every step makes
     the two the same step: over stale and fresh inverses, KL clipping and adaptive damping."""
     loss_fn = nn.CrossEntropyLoss()
-    batches = []
-    for s in range(9):
-        g = torch.Generator().manual_seed(s)
-        batches.append(
-            (torch.randn(16, n_inputs, generator=g), torch.randint(0, 3, (16,), generator=g))
-        )
+    batches = [_data(n=16, seed=s, d=n_inputs) for s in range(9)]
     kwargs = dict(
         loss_fn=loss_fn,
         fisher="kfac",
