@@ -5,8 +5,8 @@ labels, factor decay, factors and π-damped Cholesky inverses refreshed every ``
 ``lr = 1`` clipped by ACKTR's damped KL model) for an MLP of biased ``nn.Linear`` layers, and
 nothing else: no options, no checks, no diagnostics, two products and one dot product per layer.
 ``tests/test_bench_kfac_step.py`` checks that its steps equal ``NGD``'s. Its per-step time is
-therefore a floor for any eager-mode K-FAC on this machine, and it tells how much of NGD's cost
-is its generality and how much is K-FAC's own work.
+therefore close to the floor of an eager-mode K-FAC step on this machine, and it tells how much
+of NGD's cost is its generality and how much is K-FAC's own work.
 
     .venv/bin/python scripts/bench_kfac_step.py  # ~15 s, writes docs/supervised/mlp_bare_kfac.csv
 """
