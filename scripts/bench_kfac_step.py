@@ -22,6 +22,8 @@ from _supervised_common import print_table, setup, write_csv
 from supervised_mlp import BATCH, load, time_per_step
 from torch import Tensor, nn
 
+from npg.fisher._per_sample import _categorical_draws
+from npg.fisher.kfac import _spd_inverse
 from npg.optim import NGD
 
 LAMBDA, MAX_KL, INTERVAL, DECAY = 3e-3, 1e-2, 20, 0.95  # the headline K-FAC's settings
@@ -30,8 +32,8 @@ LAMBDA, MAX_KL, INTERVAL, DECAY = 3e-3, 1e-2, 20, 0.95  # the headline K-FAC's s
 class BareKFAC(torch.optim.Optimizer):
     """K-FAC for an MLP of biased ``nn.Linear`` layers, with the headline's settings only.
 
-    The MC labels of refresh step ``k`` are drawn with seed ``k`` as ``NGD(seed=0)`` draws them:
-    each row's CDF inverted at one uniform.
+    The MC labels of refresh step ``k`` are drawn with seed ``k`` by NGD's own sampler, as
+    ``NGD(seed=0)`` draws them; the inverses use NGD's own Cholesky inverse.
     """
 
     def __init__(self, model: nn.Module, interval: int = INTERVAL) -> None:
@@ -48,10 +50,7 @@ class BareKFAC(torch.optim.Optimizer):
         """At the model's output: backpropagate the sampled labels' scores to the layer outputs
         through the closure's graph, and form this batch's factors."""
         p = torch.softmax(out.detach(), -1)
-        c = p.cumsum(-1)
-        gen = torch.Generator().manual_seed(self.k)
-        u = torch.rand(p.shape[:-1] + (1,), generator=gen, dtype=p.dtype)
-        y = (c <= u * c[..., -1:]).sum(-1).clamp_max_(p.shape[-1] - 1)
+        y = _categorical_draws(p, torch.Generator().manual_seed(self.k))
         scores = p.neg().scatter_add_(-1, y.unsqueeze(-1), p.new_ones(y.shape + (1,)))
         grads = torch.autograd.grad(out, [o for _, o in self._io], scores, retain_graph=True)
         n = out.shape[0]
@@ -108,12 +107,6 @@ class BareKFAC(torch.optim.Optimizer):
         alpha = min(1.0, math.sqrt(2 * MAX_KL / kl_quad)) if kl_quad > 0 else 1.0
         torch._foreach_add_(self.params, parts, alpha=-alpha)
         return loss
-
-
-def _spd_inverse(m: Tensor, shift: float) -> Tensor:
-    shifted = m.clone()
-    shifted.diagonal().add_(shift)
-    return torch.cholesky_inverse(torch.linalg.cholesky(shifted))
 
 
 def headline_ngd(model: nn.Module, loss_fn: nn.Module, interval: int = INTERVAL) -> NGD:
