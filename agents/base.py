@@ -28,9 +28,10 @@ import envs as envs_mod
 from agents.checkpoint import FORMAT, CheckpointManager, load_checkpoint, save_atomic
 from agents.critic import BackgroundFit, fit_critic, scripted_activation
 from agents.gae import compute_gae
+from agents.guard import DivergenceError, divergence_cause, returns_too_large
 from agents.normalize import ObsNormalizer, RewardScaler
 from agents.policies import ACTIVATIONS, ActorCriticPolicy
-from agents.rollout import NONFINITE_MODES, RolloutBatch, RolloutCollector
+from agents.rollout import NONFINITE_MODES, NonFiniteError, RolloutBatch, RolloutCollector
 from npg import FISHER_NAMES, make_fisher, natural_step
 from npg.fisher.base import FisherOperator
 
@@ -59,7 +60,7 @@ class TrainingInterrupted(RuntimeError):
         self.signum, self.checkpoint, self.num_timesteps = signum, checkpoint, num_timesteps
 
 
-class NonFiniteParametersError(RuntimeError):
+class NonFiniteParametersError(DivergenceError):
     """An update produced NaN/inf parameters; they were rolled back before raising."""
 
 
@@ -291,6 +292,14 @@ class OnPolicyNaturalAlgorithm:
             raise _bad("clip_obs", c["clip_obs"], "a float > 0")
         if any(int(h) < 1 for h in c["net_arch"]):
             raise _bad("net_arch", c["net_arch"], "positive layer widths")
+        if c["vf_arch"] is not None and any(int(h) < 1 for h in c["vf_arch"]):
+            raise _bad("vf_arch", c["vf_arch"], "None or positive layer widths")
+        if not math.isfinite(float(c["log_std_init"])):
+            raise _bad("log_std_init", c["log_std_init"], "a finite float")
+        if int(c["stats_window"]) < 1:
+            raise _bad("stats_window", c["stats_window"], "an int >= 1")
+        if c["num_threads"] is not None and int(c["num_threads"]) < 1:
+            raise _bad("num_threads", c["num_threads"], "None or an int >= 1")
         if str(c["device"]) != "cpu":  # small MLPs + a CPU-bound env loop: no GPU path
             raise _bad("device", c["device"], "'cpu'")
         if isinstance(env, str):
@@ -437,6 +446,9 @@ class OnPolicyNaturalAlgorithm:
         adv, ret = compute_gae_t(
             batch, values, last_values, final_values, self.gamma, self.gae_lambda
         )
+        too_large = returns_too_large(ret[batch.valid], self.env_id)
+        if too_large:  # before any parameter changes
+            raise NonFiniteError(f"update {self.num_updates + 1}: {too_large}")
         valid = batch.valid.reshape(-1)
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
         obs = obs_all if keep is None else obs_all[keep.to(dev)]
@@ -478,7 +490,7 @@ class OnPolicyNaturalAlgorithm:
             metrics.update(self._critic_update(obs, returns, perms))
             metrics["time_critic"] = time.perf_counter() - t0
         metrics["explained_variance"] = explained_variance(values_flat, returns.cpu())
-        self._check_finite(actor_before, critic_before)
+        self._check_update(actor_before, critic_before, metrics)
         return metrics
 
     # --- the two halves of an update ----------------------------------------------------------
@@ -590,16 +602,21 @@ class OnPolicyNaturalAlgorithm:
                 losses.append(loss.detach())
         return {"value_loss": _mean_loss(torch.stack(losses) if losses else torch.zeros(0))}
 
-    def _check_finite(self, actor_before: Tensor, critic_before: Tensor) -> None:
-        """Roll back and raise if any parameter became NaN/inf."""
-        bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            set_flat_params(self.policy.actor, actor_before)
-            set_flat_params(self.policy.critic, critic_before)
-            raise NonFiniteParametersError(
-                f"update {self.num_updates + 1} made parameters non-finite ({', '.join(bad)}); "
-                "rolled back to the previous parameters. Lower max_kl/vf_lr or raise cg_damping"
-            )
+    def _check_update(
+        self, actor_before: Tensor, critic_before: Tensor, metrics: dict[str, Any]
+    ) -> None:
+        """The divergence guard: roll the parameters back and raise, naming the cause, if the
+        update diverged (:func:`agents.guard.divergence_cause`)."""
+        cause = divergence_cause(self.policy, metrics, self.max_kl)
+        if cause is None:
+            return
+        set_flat_params(self.policy.actor, actor_before)
+        set_flat_params(self.policy.critic, critic_before)
+        error = NonFiniteParametersError if cause.startswith("non-finite") else DivergenceError
+        raise error(
+            f"update {self.num_updates + 1} diverged: {cause}; rolled back to the previous "
+            f"parameters. Lower max_kl (now {self.max_kl:g}) or vf_lr, or raise cg_damping"
+        )
 
     # --- inference ----------------------------------------------------------------------------
     def predict(

@@ -1,7 +1,10 @@
-"""Atomic, ``weights_only``-loadable checkpoints; keep the last K; fall back past corrupt ones."""
+"""Atomic, checksummed, ``weights_only``-loadable checkpoints; keep the last K; fall back past
+corrupt ones; an exclusive lock on a run directory."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import re
 import warnings
@@ -11,22 +14,74 @@ from typing import Any
 import torch
 
 FORMAT = "npg-agent"
+CHECKSUM_KEY = "sha256"
+LOCK_FILE = ".lock"
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or not a safe (tensor-only) file."""
+    """A checkpoint file is missing, truncated, corrupt, non-finite or not a safe (tensor-only)
+    file."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the lock of a run directory."""
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of dicts, lists, tuples, tensors and scalars: keys, types,
+    dtypes, shapes and the raw bytes of every tensor, in order. It changes with any flipped byte
+    of tensor data, which ``torch.load`` itself does not notice."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(x, list | tuple):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Paths (``policy/actor.log_std``) of the floating-point tensors in ``obj`` that hold NaN
+    or inf."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [prefix or "<tensor>"] if bad else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return []
+    paths = (nonfinite_entries(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in items)
+    return [p for sub in paths for p in sub]
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename it over
-    ``path`` (:func:`replace_durably`)."""
+    """``torch.save`` (with a :func:`content_digest` under ``"sha256"``) to a temporary file in
+    the same folder, fsync, then rename it over ``path`` (:func:`replace_durably`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    payload = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    payload[CHECKSUM_KEY] = content_digest(payload)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         replace_durably(tmp, path)
@@ -47,9 +102,11 @@ def replace_durably(tmp: Path, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with ``torch.load(weights_only=True)``: pickled code objects are refused.
+    """Load with ``torch.load(weights_only=True)`` (pickled code objects are refused), verify the
+    content checksum and that every floating-point tensor is finite.
 
-    Raises :class:`CheckpointError` naming the file for any unreadable or foreign file.
+    Raises :class:`CheckpointError` naming the file for any unreadable, foreign, altered or
+    non-finite file.
     """
     path = Path(path)
     if not path.is_file():
@@ -63,6 +120,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not an npg agent checkpoint")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        raise CheckpointError(f"checkpoint {path} has no content checksum ({CHECKSUM_KEY!r})")
+    if stored != content_digest(state):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content checksum does not match")
+    bad = nonfinite_entries(state)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values in {', '.join(bad[:5])}")
     return state
 
 
@@ -107,3 +172,46 @@ class CheckpointManager:
                 errors.append(str(e))
                 warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
         raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``run_dir/.lock``, held while the object is open.
+
+    The OS releases it when the holding process dies (even by SIGKILL), so a stale lock of a dead
+    process never blocks; a live holder makes :meth:`acquire` raise :class:`RunDirInUse` at once,
+    naming the directory and the holder's pid.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunDirLock:
+        """Create the folder if needed and take the lock (non-blocking)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirInUse(
+                f"run directory {self.run_dir} is in use by another process (pid {holder}); "
+                "wait for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -25,8 +25,17 @@ from agents.policies import ActorCriticPolicy
 NONFINITE_MODES = ("raise", "drop")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 class NonFiniteError(RuntimeError):
-    """An env returned a NaN or inf observation or reward."""
+    """An env returned a NaN or inf observation or reward, or one that is not finite once stored
+    in the float32 buffers (beyond ±3.4e38), or rewards too large to train a critic on."""
+
+
+def _storable(x: np.ndarray) -> np.ndarray:
+    """Elementwise: finite in float32, the dtype of the rollout buffers (``False`` for NaN)."""
+    return np.abs(x) <= _F32_MAX
 
 
 class EnvStepError(RuntimeError):
@@ -117,19 +126,23 @@ class RolloutCollector:
         self._check(obs, "observation", np.ones(self.n_envs, bool), drop=False)
         self.cur_obs = self.obs_norm(obs, update=True)
 
-    def _error(self, field: str, envs: np.ndarray) -> NonFiniteError:
+    def _error(self, field: str, envs: np.ndarray, row: np.ndarray) -> NonFiniteError:
+        value = float(row[~_storable(row)][0])
+        note = "" if not np.isfinite(value) else ", beyond float32's range"
         return NonFiniteError(
             f"env {self.env_id!r} returned a non-finite {field} at env step "
-            f"{self.total_steps} (sub-env {int(envs[0])}); pass on_nonfinite='drop' to drop "
-            "and count such transitions instead"
+            f"{self.total_steps} (sub-env {int(envs[0])}: {value:.3g}{note}); pass "
+            "on_nonfinite='drop' to drop and count such transitions instead"
         )
 
     def _check(self, x: np.ndarray, field: str, rows: np.ndarray, drop: bool) -> np.ndarray:
-        """Boolean mask of the sub-envs whose ``x`` row is non-finite (raises unless ``drop``)."""
+        """Boolean mask of the sub-envs whose ``x`` row is not finite in float32 (the dtype it is
+        stored in), raising unless ``drop``."""
         flat = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
-        bad = ~np.isfinite(flat).all(1) & rows
+        bad = ~_storable(flat).all(1) & rows
         if bad.any() and not drop:
-            raise self._error(field, np.flatnonzero(bad))
+            first = int(np.flatnonzero(bad)[0])
+            raise self._error(field, np.flatnonzero(bad), flat[first])
         return bad
 
     # --- the loop -----------------------------------------------------------------------------
@@ -169,7 +182,7 @@ class RolloutCollector:
             self.total_steps += self.n_envs
             next_obs = next_obs.reshape(self.n_envs, -1)  # a view; flat Box observations
             reward = np.asarray(reward, dtype=np.float64)
-            if np.isfinite(reward).all() and np.isfinite(next_obs).all():
+            if _storable(reward).all() and _storable(next_obs).all():
                 bad = no_rows
             else:
                 bad = self._check(reward, "reward", all_rows, drop)
@@ -183,9 +196,9 @@ class RolloutCollector:
                     fmask = infos["_final_obs"]
                     for i in np.flatnonzero(trunc_only & fmask):
                         fo = np.asarray(infos["final_obs"][i], dtype=np.float64).reshape(1, -1)
-                        if not np.isfinite(fo).all():
+                        if not _storable(fo).all():
                             if not drop:
-                                raise self._error("final observation", np.array([i]))
+                                raise self._error("final observation", np.array([i]), fo[0])
                             bad = bad.copy()
                             bad[i] = True
                             continue

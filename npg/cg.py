@@ -58,8 +58,8 @@ def conjugate_gradient(
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite float >= 0, got {damping}")
 
     def op(v: Tensor) -> Tensor:
         return matvec(v) + damping * v if damping else matvec(v)

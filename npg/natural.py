@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from npg.cg import CGResult
@@ -54,8 +55,12 @@ def natural_step(
     (optionally preconditioned) CG. A zero gradient or a direction with ``xᵀFx ≤ 0`` gives a zero
     step with a status saying why, never NaN.
     """
-    if not max_kl > 0:
-        raise ValueError(f"max_kl must be > 0, got {max_kl}")
+    if not (max_kl > 0 and math.isfinite(max_kl)):
+        raise ValueError(f"max_kl must be a finite float > 0, got {max_kl}")
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite float >= 0, got {damping}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("natural_step: the gradient g holds NaN/inf entries")
     if hasattr(fisher, "inverse_mv"):
         x = fisher.inverse_mv(g, damping)
         xFx = float(x @ (fisher.mv(x) + damping * x))

@@ -362,12 +362,12 @@ class NGD(Optimizer):
             raise ValueError(f"unknown Fisher {fisher!r}; accepted: {', '.join(FISHERS)}")
         if lr is None and max_kl is None:
             raise ValueError("NGD needs lr, max_kl, or both")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if max_kl is not None and not max_kl > 0:
-            raise ValueError(f"max_kl must be > 0, got {max_kl}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite float > 0, got {lr}")
+        if max_kl is not None and not (max_kl > 0 and math.isfinite(max_kl)):
+            raise ValueError(f"max_kl must be a finite float > 0, got {max_kl}")
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite float >= 0, got {damping}")
         if kl_model not in ("exact", "damped"):
             raise ValueError(f"unknown kl_model {kl_model!r}; accepted: exact, damped")
         if kl_model == "damped" and momentum:
@@ -596,6 +596,11 @@ class NGD(Optimizer):
             capture = self._closure_factors(inputs, targets, lik.family, k)
             with torch.enable_grad(), capture or contextlib.nullcontext():
                 loss = closure()
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise ValueError(
+                    f"NGD: the closure's loss is {float(loss.detach().reshape(-1)[0])}; no step "
+                    "taken (the parameters are unchanged)"
+                )
 
         self._captured_factors = capture.factors if capture is not None else None
         fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)

@@ -10,28 +10,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents import CheckpointManager, OnPolicyNaturalAlgorithm, load_checkpoint  # noqa: E402
+from agents import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    OnPolicyNaturalAlgorithm,
+    load_checkpoint,
+)
 from agents.evaluation import evaluate_policy  # noqa: E402
 from envs import make_env  # noqa: E402
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or for a run directory its ``model.pt`` or newest checkpoint."""
+def load_state(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The verified state of a checkpoint file, or of a run directory's ``model.pt``; a corrupt,
+    truncated or non-finite ``model.pt`` (also when named directly) falls back, with a warning
+    naming it, to the newest good checkpoint of its run."""
     path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "model.pt").is_file():
-        return path / "model.pt"
-    paths = CheckpointManager(path / "checkpoints").paths()
-    if not paths:
-        raise SystemExit(f"{path}: no model.pt and no checkpoints/ckpt_*.pt")
-    return paths[-1]
+    if path.is_file() and path.name != "model.pt":
+        return load_checkpoint(path), path
+    run_dir = path.parent if path.is_file() else path
+    if not run_dir.is_dir():
+        raise SystemExit(f"{path}: no such run directory or checkpoint file")
+    model = run_dir / "model.pt"
+    if model.is_file():
+        try:
+            return load_checkpoint(model), model
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the newest good checkpoint", stacklevel=2)
+    ckpts = CheckpointManager(run_dir / "checkpoints")
+    if not ckpts.paths():
+        raise SystemExit(f"{run_dir}: no usable model.pt and no checkpoints/ckpt_*.pt")
+    return ckpts.load_latest(fallback=True)
 
 
 def evaluate(
@@ -62,7 +78,14 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point; unusable checkpoints and bad options exit with one line."""
+    try:
+        return _main(argv)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="run directory or checkpoint file")
     parser.add_argument("--episodes", type=int, default=10)
@@ -71,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", default=None, metavar="DIR", help="record videos (moviepy)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
-    ckpt = resolve_checkpoint(args.path)
-    state = load_checkpoint(ckpt)
+    if args.episodes < 1:
+        raise SystemExit(f"--episodes {args.episodes}: accepted an int >= 1")
+    state, ckpt = load_state(args.path)
     agent = OnPolicyNaturalAlgorithm.load(state, num_threads=1)
     returns = evaluate(agent, args.episodes, args.seed, not args.stochastic, args.video)
     agent.close()

@@ -5,8 +5,11 @@
     python scripts/train.py --resume runs/trpo_CartPole-v1_s0    # continue an interrupted run
 
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.csv`` (one row
-per update, flushed as it is written), ``checkpoints/`` (the last K resumable checkpoints) and
-``model.pt`` (the final agent). SIGINT/SIGTERM save a checkpoint and exit with a message.
+per update, flushed as it is written), ``checkpoints/`` (the last K resumable checkpoints, the
+first at update 0) and ``model.pt`` (the final agent). SIGINT/SIGTERM save a checkpoint and exit
+with a message. One process at a time owns a run directory (``.lock``, released by the OS when
+the process dies). ``--resume`` may raise ``--total-steps`` (the run is extended); any other
+changed flag is refused. Expected errors end the process with one line, no traceback.
 """
 
 from __future__ import annotations
@@ -19,18 +22,35 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents import ALGORITHMS, CheckpointManager, TrainingInterrupted  # noqa: E402
-from agents.checkpoint import replace_durably  # noqa: E402
+from agents.checkpoint import (  # noqa: E402
+    CheckpointError,
+    RunDirInUse,
+    RunDirLock,
+    replace_durably,
+)
+from agents.guard import DivergenceError  # noqa: E402
 from agents.presets import get_preset  # noqa: E402
+from agents.rollout import NonFiniteError  # noqa: E402
 
 # options of the agents that the CLI does not expose as flags
 _HIDDEN = {"verbose", "env_kwargs", "fisher_kwargs", "device", "num_threads", "seed", "n_envs"}
 METRICS_FILE = "metrics.csv"
+CONFIG_FILE = "config.json"
+CONFIG_KEYS = ("algo", "env", "seed", "total_timesteps", "preset", "hyperparameters", "resolved")
+CONFIG_KEYS += ("threads", "checkpoint_every", "keep_last")
+# flags that may differ on --resume (they do not change what is trained; --total-steps may grow)
+RESUME_FREE = {"resume", "total_steps", "no_progress", "verbose", "tensorboard", "wandb"}
+RESUME_FREE |= {"wandb_project", "workers", "ray_address"}
+# errors that end the process with one line (EnvStepError keeps its worker's traceback)
+EXPECTED_ERRORS = (ValueError, OSError, CheckpointError, RunDirInUse, NonFiniteError)
+EXPECTED_ERRORS += (DivergenceError,)
 
 
 def _hyperparameter_flags(parser: argparse.ArgumentParser, algo_cls: type) -> list[str]:
@@ -171,6 +191,13 @@ class MetricsLogger:
 
     def __call__(self, m: dict[str, Any]) -> bool:
         if self.writer is None:
+            if self.fields is not None and set(self.fields) != set(m):
+                missing = sorted(set(m) - set(self.fields))
+                extra = sorted(set(self.fields) - set(m))
+                raise ValueError(
+                    f"{self.path}: its header does not match this run's metrics (missing "
+                    f"{missing[:5]}, unexpected {extra[:5]}); repair its first line"
+                )
             new = self.fields is None
             self.fields = self.fields or list(m)
             self.file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
@@ -207,14 +234,30 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def check_metrics_header(header: Sequence[str], path: Path) -> None:
+    """A ``ValueError`` naming ``path`` unless ``header`` is a usable metrics header: unique,
+    non-empty column names including ``update`` and ``timesteps``."""
+    problem = None
+    if any(not name.strip() for name in header):
+        problem = "an empty column name"
+    elif len(set(header)) != len(header):
+        problem = "a repeated column name"
+    elif not {"update", "timesteps"} <= set(header):
+        problem = "no 'update' and 'timesteps' columns"
+    if problem:
+        raise ValueError(f"{path}: damaged header ({problem}); repair its first line")
+
+
 def truncate_metrics(path: Path, updates: int) -> None:
-    """Drop rows past ``updates`` (written after the checkpoint a resume starts from)."""
+    """Drop rows past ``updates`` (written after the checkpoint a resume starts from); a
+    damaged header is a ``ValueError`` (the file is left as it is)."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
         return
+    check_metrics_header(rows[0], path)
     col = rows[0].index("update")
 
     def keep(row: list[str]) -> bool:
@@ -230,61 +273,199 @@ def truncate_metrics(path: Path, updates: int) -> None:
     replace_durably(tmp, path)
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/config.json`` as a dict, or a one-line ``SystemExit`` saying what is wrong."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise SystemExit(f"--resume {run_dir}: no {CONFIG_FILE} there")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--resume {run_dir}: {path} is not valid JSON ({e})") from None
+    missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else []
+    if not isinstance(config, dict) or missing:
+        what = f"lacks {', '.join(missing)}" if missing else "is not a JSON object"
+        raise SystemExit(f"--resume {run_dir}: {path} is incomplete ({what})")
+    if config["algo"] not in ALGORITHMS:
+        raise SystemExit(f"--resume {run_dir}: {path} names an unknown algo {config['algo']!r}")
+    return config
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write ``config.json`` atomically (a temporary file renamed over it)."""
+    tmp = run_dir / f".{CONFIG_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(config, indent=2, default=str))
+    replace_durably(tmp, run_dir / CONFIG_FILE)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """One-line ``SystemExit`` for a bad CLI-level option, before anything is built or written."""
+    checks = [
+        (args.threads >= 1, "--threads", args.threads, "an int >= 1"),
+        (args.keep_last >= 1, "--keep-last", args.keep_last, "an int >= 1"),
+        (args.checkpoint_every >= 0, "--checkpoint-every", args.checkpoint_every, "an int >= 0"),
+        (args.workers >= 0, "--workers", args.workers, "0 (in-process) or a positive count"),
+        (
+            args.total_steps is None or args.total_steps >= 1,
+            "--total-steps",
+            args.total_steps,
+            "an int >= 1",
+        ),
+    ]
+    for ok, flag, value, accepted in checks:
+        if not ok:
+            raise SystemExit(f"{flag} {value}: accepted {accepted}")
+    for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise SystemExit(f"{flag} {value}: is a file, not a run directory")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"--resume {args.resume}: no such run directory")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The options given on the command line (not defaulted), by destination."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
+def resume_changes(
+    flags: dict[str, Any], names: list[str], config: dict[str, Any], run_dir: Path
+) -> int | None:
+    """The new total of a resumed run if ``--total-steps`` raises it (else ``None``); a one-line
+    ``SystemExit`` naming every other flag whose value differs from the run's configuration."""
+    resolved = config["resolved"]
+    run = {k: config[k] for k in ("env", "algo", "seed", "preset", "threads", "keep_last")}
+    run.update(checkpoint_every=config["checkpoint_every"], n_envs=resolved.get("n_envs"))
+    run.update({name: resolved.get(name) for name in names})
+    changed = []
+    for dest, value in flags.items():
+        if dest in RESUME_FREE:
+            continue
+        if dest == "run_dir":
+            same = Path(value).resolve() == run_dir.resolve()
+            old: Any = str(run_dir)
+        else:
+            old = run.get(dest, resolved.get(dest))
+            new = None if dest == "preconditioner" and value == "none" else value
+            same = new == old
+        if not same:
+            changed.append(f"--{dest.replace('_', '-')} ({old!r} -> {value!r})")
+    if changed:
+        raise SystemExit(
+            f"--resume {run_dir}: changed {', '.join(changed)}; a resumed run keeps its "
+            "configuration (only --total-steps may grow): start a new run to change it"
+        )
+    total, old_total = flags.get("total_steps"), int(config["total_timesteps"])
+    if total is None or total == old_total:
+        return None
+    if total < old_total:
+        raise SystemExit(
+            f"--resume {run_dir}: --total-steps {total} is below the run's {old_total} "
+            f"(accepted: >= {old_total}, which extends the run)"
+        )
+    return total
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run (its config or metrics)."""
+    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point; returns the process exit code. Expected errors (bad options, a run directory
+    in use, unusable checkpoints, non-finite env output, divergence) exit with one line."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except EXPECTED_ERRORS as e:
+        text = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+        raise SystemExit(f"error: {' '.join(text.split())}") from None
+
+
+def _main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--algo", default="trpo")
     pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)
+    config: dict[str, Any] | None = None
     if known.resume:
-        cfg_path = Path(known.resume) / "config.json"
-        if not cfg_path.exists():
-            raise SystemExit(f"--resume {known.resume}: no config.json there")
-        known.algo = json.loads(cfg_path.read_text())["algo"]
+        if not Path(known.resume).is_dir():
+            raise SystemExit(f"--resume {known.resume}: no such run directory")
+        config = read_config(Path(known.resume))
+        known.algo = config["algo"]
     if known.algo not in ALGORITHMS:
         raise SystemExit(f"--algo {known.algo!r}: accepted {', '.join(sorted(ALGORITHMS))}")
     parser, names = build_parser(known.algo)
     args = parser.parse_args(argv)
-
-    if args.workers < 0:
-        raise SystemExit(f"--workers {args.workers}: accepted 0 (in-process) or a positive count")
+    check_options(args)
     import torch
 
     torch.set_num_threads(args.threads)
     algo_cls = ALGORITHMS[known.algo]
-    if args.resume:
+    if config is not None:
         run_dir = Path(args.resume)
-        config = json.loads((run_dir / "config.json").read_text())
-        ckpts = CheckpointManager(run_dir / "checkpoints", config["keep_last"])
-        state, path = ckpts.load_latest(fallback=True)
-        truncate_metrics(run_dir / METRICS_FILE, int(state["num_updates"]))
-        agent = algo_cls.load(state, verbose=args.verbose, num_threads=config["threads"])
-        print(f"resuming {run_dir} from {path} ({agent.num_timesteps} steps)", file=sys.stderr)
+        extended = resume_changes(explicit_flags(parser, argv), names, config, run_dir)
+        lock = RunDirLock(run_dir).acquire()  # before anything is read that a writer changes
     else:
         config = resolve_config(args, names)
         run_dir = Path(
             args.run_dir or f"runs/{args.algo}_{args.env.replace('/', '-')}_s{args.seed}"
         )
-        if (run_dir / METRICS_FILE).exists():
+        if holds_run(run_dir):
+            RunDirLock(run_dir).acquire().release()  # fails at once if a live process owns it
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = run_dir.with_name(f"{run_dir.name}_{stamp}")
         # Builds (and validates) the agent before anything is written.
-        try:
-            agent = algo_cls(
-                "MlpPolicy",
-                config["env"],
-                seed=config["seed"],
-                num_threads=config["threads"],
-                verbose=args.verbose,
-                **config["hyperparameters"],
-            )
-        except ValueError as e:  # bad configuration: one line, no traceback
-            raise SystemExit(f"error: {e}") from None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config["resolved"] = agent.config
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        ckpts = CheckpointManager(run_dir / "checkpoints", config["keep_last"])
+        agent = algo_cls(
+            "MlpPolicy",
+            config["env"],
+            seed=config["seed"],
+            num_threads=config["threads"],
+            verbose=args.verbose,
+            **config["hyperparameters"],
+        )
+        lock = RunDirLock(run_dir).acquire()
+    try:
+        if args.resume:
+            ckpts = CheckpointManager(run_dir / "checkpoints", config["keep_last"])
+            if not ckpts.paths():
+                raise SystemExit(
+                    f"--resume {run_dir}: no checkpoints in {ckpts.directory}; start the run "
+                    "again without --resume"
+                )
+            state, path = ckpts.load_latest(fallback=True)
+            truncate_metrics(run_dir / METRICS_FILE, int(state["num_updates"]))
+            agent = algo_cls.load(state, verbose=args.verbose, num_threads=config["threads"])
+            if extended is not None:
+                config["total_timesteps"] = extended
+                write_config(run_dir, config)
+            print(f"resuming {run_dir} from {path} ({agent.num_timesteps} steps)", file=sys.stderr)
+        else:
+            if holds_run(run_dir):  # another process finished a run here meanwhile
+                raise SystemExit(f"--run-dir {run_dir}: already holds a run; pick another")
+            ckpts = CheckpointManager(run_dir / "checkpoints", config["keep_last"])
+            # update 0 first, then config.json: a directory with a config can always be resumed
+            ckpts.save(agent._capture_state(), 0)
+            config["resolved"] = agent.config
+            write_config(run_dir, config)
+        return _train(agent, args, config, run_dir, ckpts)
+    finally:
+        lock.release()
+
+
+def _train(
+    agent: Any,
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    run_dir: Path,
+    ckpts: CheckpointManager,
+) -> int:
+    """Train to the configured total with metrics, checkpoints and the final ``model.pt``."""
     if args.resume and (args.workers or args.ray_address):  # explicit flags win on resume
         config["workers"], config["ray_address"] = args.workers, args.ray_address
     if config.get("workers"):

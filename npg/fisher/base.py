@@ -49,6 +49,30 @@ class FisherOperator(ABC):
         first = next(iter(self.fmodel.params.values()))
         self.dtype, self.device = first.dtype, first.device
 
+    def _checked_output(self, out: Tensor) -> Tensor:
+        """``out`` (the model's output on the batch) if it is finite, else a ``ValueError`` naming
+        this operator, the bad rows, and whether the inputs or the model produced them: the
+        Fisher of a NaN/inf output is undefined (and would come back as a zero solve or as
+        "non-positive curvature")."""
+        finite_rows = torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+        if bool(finite_rows.all()):
+            return out
+        rows = (~finite_rows).nonzero().reshape(-1).tolist()
+        inputs = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        bad_inputs = any(
+            isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())
+            for x in inputs
+        )
+        source = (
+            "the inputs hold NaN/inf"
+            if bad_inputs
+            else "the inputs are finite: the parameters or the model's arithmetic are not"
+        )
+        raise ValueError(
+            f"{type(self).__name__}: the model output is non-finite in {len(rows)} of {self.n} "
+            f"rows (first: row {rows[0]}); {source}"
+        )
+
     # --- the core product --------------------------------------------------------------------
     @abstractmethod
     def _mv(self, v: Tensor) -> Tensor:

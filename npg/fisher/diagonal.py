@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ class DiagonalFisher(DirectlyInvertible):
                 f"unknown diagonal variant {variant!r}; accepted: {', '.join(VARIANTS)}"
             )
         super().__init__(model, inputs, family, params, param_dict)
-        out = self.fmodel(self.fmodel.detached_params(), inputs).detach()
+        out = self._checked_output(self.fmodel(self.fmodel.detached_params(), inputs).detach())
         if variant == "exact":
             w = self.family.fisher_out_sqrt(out).transpose(1, 2)  # (N, C, K)
             scale = 1.0 / self.n
@@ -62,6 +64,8 @@ class DiagonalFisher(DirectlyInvertible):
         return self.diag.clone()
 
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite float >= 0, got {damping}")
         if not bool(torch.isfinite(self.diag).all()):
             raise ValueError("diagonal Fisher has NaN/inf entries (non-finite model output?)")
         denom = self.diag + damping

@@ -17,6 +17,6 @@ class EmpiricalFisher(OuterProductFisher):
 
     def __init__(self, model, inputs, family, targets: Tensor, params=None, param_dict=None):
         super().__init__(model, inputs, family, params, param_dict)
-        out = self.fmodel(self.fmodel.detached_params(), inputs).detach()
+        out = self._checked_output(self.fmodel(self.fmodel.detached_params(), inputs).detach())
         w = output_scores(self.family, out, targets).unsqueeze(1)  # (N, 1, K)
         self._set_gradients(per_sample_grads(self.fmodel, inputs, w))

@@ -42,6 +42,7 @@ class ExactFisher(FisherOperator):
             out = fm(leaves, inputs)
             if out.ndim != 2:
                 raise ValueError(f"model output must be (N, K), got shape {tuple(out.shape)}")
+            self._checked_output(out.detach())
             u = torch.zeros_like(out, requires_grad=True)
             grads = torch.autograd.grad(
                 out, list(leaves.values()), u, create_graph=True, allow_unused=True
@@ -62,7 +63,7 @@ class ExactFisher(FisherOperator):
         jac = StackJacobian(stack, self.inputs, fm.params)
         with torch.no_grad():
             out = fm(fm.detached_params(), self.inputs)
-        if not reproduces(jac.out, out):
+        if not reproduces(jac.out, self._checked_output(out)):
             return None  # the module computes something else: use the generic path
         self.out = out
         return jac

@@ -201,6 +201,7 @@ class KFACFisher(DirectlyInvertible):
         offsets = _offsets(self.fmodel)
         candidates = _kfac_layers(model, offsets)
         out, captured, calls = _forward_with_capture(model, inputs, [m for m, _, _ in candidates])
+        self._checked_output(out.detach())
         # a layer called more than once per forward (weight sharing across calls) or not at all
         # gets no Kronecker block: its parameters join the diagonal block
         layers = [lay for lay in candidates if calls.get(id(lay[0]), 0) == 1]
@@ -247,8 +248,8 @@ class KFACFisher(DirectlyInvertible):
 
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
         """``(F̂ + λI)⁻¹ g`` blockwise, with π-damping or the exact eigen-damped inverse."""
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite float >= 0, got {damping}")
         inverses = self._inverse_cache.get(damping)
         if inverses is None:
             if len(self._inverse_cache) >= 4:  # adaptive damping: keep the latest few only

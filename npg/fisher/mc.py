@@ -27,7 +27,7 @@ class MCFisher(OuterProductFisher):
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         super().__init__(model, inputs, family, params, param_dict)
-        out = self.fmodel(self.fmodel.detached_params(), inputs).detach()
+        out = self._checked_output(self.fmodel(self.fmodel.detached_params(), inputs).detach())
         gen = torch.Generator(device=out.device).manual_seed(seed)
         w = sampled_scores(self.family, out, n_samples, gen)  # (N, S, K)
         self._set_gradients(per_sample_grads(self.fmodel, inputs, w))
