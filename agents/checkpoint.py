@@ -36,9 +36,10 @@ def content_digest(obj: Any) -> str:
 
     def walk(x: Any) -> None:
         if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
+            t = x.detach().cpu()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            dense = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))  # stride 1
+            h.update(dense.view(torch.uint8).numpy().tobytes())
         elif isinstance(x, dict):
             h.update(f"D{len(x)}".encode())
             for k, v in x.items():

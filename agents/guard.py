@@ -51,7 +51,7 @@ def returns_too_large(returns: Tensor, env_id: str) -> str | None:
     """A message naming ``env_id`` if the λ-returns exceed :data:`RETURN_LIMIT` (finite but too
     large: the critic's mean squared error would be inf), else ``None``."""
     worst = float(returns.abs().max()) if returns.numel() else 0.0
-    if worst <= RETURN_LIMIT:
+    if not worst > RETURN_LIMIT:  # NaN returns are caught by the divergence guard
         return None
     return (
         f"env {env_id!r} gives λ-returns up to {worst:.3g} (limit {RETURN_LIMIT:g}): their squared "

@@ -230,7 +230,7 @@ def test_resume_with_no_loadable_checkpoint_is_a_clear_error(tmp_path: Path) -> 
     assert train_cli.main([*args, "--no-progress"]) == 0
     for p in (run / "checkpoints").glob("ckpt_*.pt"):
         p.write_bytes(p.read_bytes()[:200])
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no loadable checkpoint"):
+    with pytest.warns(UserWarning), pytest.raises(SystemExit, match="no loadable checkpoint"):
         train_cli.main(["--resume", str(run), "--no-progress"])
 
 
