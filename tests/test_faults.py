@@ -267,6 +267,10 @@ for _id, _kw in {
     "faults/NegInfObs-v0": dict(at=7, field="obs", value=-math.inf),
     "faults/NaNFinalObs-v0": dict(at=16, field="obs"),  # step 16 ends the first episode
     "faults/NaNObsLate-v0": dict(at=40, field="obs"),
+    # finite in float64, inf once stored in the float32 buffers
+    "faults/Reward1e39-v0": dict(at=7, field="reward", value=1e39),
+    # finite in float32, but the critic's squared error of such returns is inf
+    "faults/Reward1e30-v0": dict(at=70, field="reward", value=1e30),
 }.items():
     if _id not in gym.registry:
         gym.register(_id, entry_point=BadValueEnv, kwargs=_kw)
@@ -278,6 +282,7 @@ for _id, _kw in {
         ("faults/NegInfObs-v0", "sync", "observation", 7),
         ("faults/NaNFinalObs-v0", "sync", "final observation", 16),
         ("faults/NaNObsLate-v0", "async", "observation", 40),
+        ("faults/Reward1e39-v0", "sync", "reward", 7),
     ],
 )
 def test_nonfinite_env_output_error_names_env_step_field(
@@ -293,9 +298,31 @@ def test_nonfinite_env_output_error_names_env_step_field(
     msg = str(e.value)
     assert f"{env_id!r}" in msg and f"non-finite {field} " in msg and f"env step {step}" in msg
     assert "on_nonfinite='drop'" in msg  # says how to drop-and-count instead
+    if "1e39" in env_id:
+        assert "e+39, beyond float32's range" in msg
     if step < 64:  # failed in the first rollout: nothing was updated
         assert all(torch.equal(p, before[k]) for k, p in _params(agent).items())
     assert _all_finite(agent)
+
+
+def test_huge_finite_rewards_stop_before_an_update_with_inf_value_loss() -> None:
+    agent = TRPO("MlpPolicy", "faults/Reward1e30-v0", **{**SMALL, "n_envs": 1})
+    metrics: list[dict] = []
+    agent.learn(64, callback=metrics.append)  # the reward comes in the second rollout
+    before = _params(agent)
+    with pytest.raises(NonFiniteError) as e:
+        agent.learn(64, callback=metrics.append, reset_num_timesteps=False)
+    msg = str(e.value)
+    assert "update 2: env 'faults/Reward1e30-v0' gives λ-returns up to 1" in msg
+    assert "value_loss would be inf" in msg and "normalize_reward=True" in msg
+    assert all(torch.equal(p, before[k]) for k, p in _params(agent).items())
+    assert len(metrics) == 1
+    # scaled rewards train on
+    scaled = TRPO("MlpPolicy", "faults/Reward1e30-v0", normalize_reward=True, **SMALL)
+    scaled.learn(2 * 128, callback=metrics.append)
+    assert all(math.isfinite(m["value_loss"]) for m in metrics)
+    agent.close()
+    scaled.close()
 
 
 def test_drop_mode_counts_a_nonfinite_final_observation() -> None:
