@@ -239,20 +239,23 @@ class BadValueEnv(gym.Env):
     """A 3-dim observation task that injects ``value`` into ``field`` at its ``at``-th step;
     episodes are truncated every 16 steps (so the final observation is exercised)."""
 
-    def __init__(self, at: int = 7, field: str = "obs", value: float = float("nan")) -> None:
+    def __init__(
+        self, at: int = 7, field: str = "obs", value: float = float("nan"), dtype: type = np.float32
+    ) -> None:
         self.action_space = gym.spaces.Discrete(2)
-        self.observation_space = gym.spaces.Box(-5.0, 5.0, (3,), np.float32)
+        self.observation_space = gym.spaces.Box(-5.0, 5.0, (3,), dtype)
         self.at, self.field, self.value, self.n, self.t = at, field, value, 0, 0
+        self.dtype = dtype
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
         super().reset(seed=seed)
         self.t = 0
-        return self.np_random.normal(size=3).astype(np.float32), {}
+        return self.np_random.normal(size=3).astype(self.dtype), {}
 
     def step(self, action: int) -> tuple:
         self.n += 1
         self.t += 1
-        obs = self.np_random.normal(size=3).astype(np.float32)
+        obs = self.np_random.normal(size=3).astype(self.dtype)
         reward = float(action)
         truncated = self.t % 16 == 0
         if self.n == self.at:
@@ -269,6 +272,7 @@ for _id, _kw in {
     "faults/NaNObsLate-v0": dict(at=40, field="obs"),
     # finite in float64, inf once stored in the float32 buffers
     "faults/Reward1e39-v0": dict(at=7, field="reward", value=1e39),
+    "faults/Obs1e39-v0": dict(at=7, field="obs", value=-1e39, dtype=np.float64),
     # finite in float32, but the critic's squared error of such returns is inf
     "faults/Reward1e30-v0": dict(at=70, field="reward", value=1e30),
 }.items():
@@ -283,6 +287,7 @@ for _id, _kw in {
         ("faults/NaNFinalObs-v0", "sync", "final observation", 16),
         ("faults/NaNObsLate-v0", "async", "observation", 40),
         ("faults/Reward1e39-v0", "sync", "reward", 7),
+        ("faults/Obs1e39-v0", "sync", "observation", 7),
     ],
 )
 def test_nonfinite_env_output_error_names_env_step_field(
