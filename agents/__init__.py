@@ -23,6 +23,7 @@ def register_algorithm(name: str, cls: type[OnPolicyNaturalAlgorithm]) -> None:
 
 __all__ = [
     "ALGORITHMS",
+    "KFACNAC",
     "NPG",
     "TRPO",
     "CheckpointError",
@@ -35,4 +36,4 @@ __all__ = [
     "load_checkpoint",
     "register_algorithm",
 ]
-from agents import kfac_nac as _kfac_nac  # noqa: E402, F401  (registers "kfac-nac")
+from agents.kfac_nac import KFACNAC  # noqa: E402  (registers "kfac-nac")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from torch import Tensor
 
@@ -32,6 +33,17 @@ from agents.guard import DivergenceError, divergence_cause, returns_too_large
 from agents.normalize import ObsNormalizer, RewardScaler
 from agents.policies import ACTIVATIONS, ActorCriticPolicy
 from agents.rollout import NONFINITE_MODES, NonFiniteError, RolloutBatch, RolloutCollector
+from agents.sb3_compat import (
+    SB3Callback,
+    as_vector_env,
+    default_logger,
+    flatten_batch,
+    is_sb3_callback,
+    policy_kwargs_to_config,
+    raw_observation_space,
+    record_metrics,
+    tensorboard_logger,
+)
 from npg import FISHER_NAMES, make_fisher, natural_step
 from npg.fisher.base import FisherOperator
 
@@ -99,7 +111,8 @@ class OnPolicyNaturalAlgorithm:
 
     Args:
         policy: only ``"MlpPolicy"``.
-        env: a Gymnasium env id, or a Gymnasium ``VectorEnv`` (built by the caller).
+        env: a Gymnasium env id, a Gymnasium ``VectorEnv`` (built by the caller), a single
+            ``gym.Env`` or a Stable-Baselines3 ``VecEnv``.
         n_envs, n_steps: transitions per update are ``n_envs × n_steps``.
         gamma, gae_lambda: discount and GAE λ.
         max_kl: the trust-region radius δ (mean KL(old‖new) over the batch).
@@ -116,6 +129,10 @@ class OnPolicyNaturalAlgorithm:
         vectorization: ``"sync"`` or ``"async"`` vector env; env_kwargs: passed to ``gym.make``.
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` transitions with NaN/inf.
         stats_window: episodes in the running mean return.
+        policy_kwargs: SB3's ``net_arch`` (list, or ``dict(pi=, vf=)``), ``activation_fn``,
+            ``ortho_init``, ``log_std_init``; they override the options of the same meaning.
+        tensorboard_log: a folder: :meth:`learn` logs to ``<folder>/<tb_log_name>_<i>`` through
+            an SB3 ``Logger`` (needs the ``sb3`` and ``logging`` extras).
         seed, device, num_threads, verbose: as usual (``num_threads`` sets torch's intra-op
             threads; ``None`` leaves it alone).
     """
@@ -125,7 +142,7 @@ class OnPolicyNaturalAlgorithm:
     def __init__(
         self,
         policy: str = "MlpPolicy",
-        env: str | VectorEnv = "CartPole-v1",
+        env: str | VectorEnv | Any = "CartPole-v1",
         *,
         n_envs: int = 1,
         n_steps: int = 2048,
@@ -161,14 +178,21 @@ class OnPolicyNaturalAlgorithm:
         seed: int = 0,
         device: str = "cpu",
         num_threads: int | None = 1,
+        policy_kwargs: dict[str, Any] | None = None,
+        tensorboard_log: str | None = None,
         verbose: int = 0,
     ) -> None:
-        config = {k: v for k, v in locals().items() if k not in ("self", "policy", "env")}
+        config = {
+            k: v for k, v in locals().items() if k not in ("self", "policy", "env", "policy_kwargs")
+        }
+        config.update(policy_kwargs_to_config(dict(policy_kwargs or {})))
+        net_arch, vf_arch = config["net_arch"], config["vf_arch"]
         config["net_arch"] = [int(x) for x in net_arch]
         config["vf_arch"] = None if vf_arch is None else [int(x) for x in vf_arch]
         config["fisher_kwargs"] = dict(fisher_kwargs or {})
         config["env_kwargs"] = dict(env_kwargs or {})
         config["preconditioner"] = None if preconditioner in (None, "none") else preconditioner
+        env, self._user_env = as_vector_env(env)
         env_id = env if isinstance(env, str) else getattr(env, "env_id", None)
         config["env_id"] = env_id
         self.config = config
@@ -187,6 +211,8 @@ class OnPolicyNaturalAlgorithm:
             if isinstance(env, str)
             else env
         )
+        if isinstance(self._user_env, str):
+            self._user_env = self.env
         self.n_envs = self.env.num_envs
         self.config["n_envs"] = self.n_envs
         torch.manual_seed(seed)
@@ -218,6 +244,7 @@ class OnPolicyNaturalAlgorithm:
         )
         self.num_timesteps = 0
         self.num_updates = 0
+        self._logger: Any = None
         self._started = False
         self._interrupt: int | None = None
         self._boundary: dict[str, Any] | None = None
@@ -305,7 +332,11 @@ class OnPolicyNaturalAlgorithm:
         if isinstance(env, str):
             envs_mod.check_env_id(env)
         elif not isinstance(env, VectorEnv):
-            raise _bad("env", env, "a Gymnasium env id or a gymnasium.vector.VectorEnv")
+            raise _bad(
+                "env",
+                env,
+                "a Gymnasium env id, a gymnasium.vector.VectorEnv, a gym.Env or an SB3 VecEnv",
+            )
         elif env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
             # the rollout reads final observations from infos["final_obs"] (SAME_STEP); NEXT_STEP
             # would insert fake reset transitions and bootstrap across episodes
@@ -346,15 +377,19 @@ class OnPolicyNaturalAlgorithm:
     def learn(
         self,
         total_timesteps: int,
-        callback: Callback | None = None,
+        callback: Callback | Any | None = None,
         reset_num_timesteps: bool = True,
         checkpoints: CheckpointManager | None = None,
         checkpoint_every: int = 0,
+        tb_log_name: str | None = None,
     ) -> OnPolicyNaturalAlgorithm:
         """Train for ``total_timesteps`` env steps (more, when ``reset_num_timesteps=False``:
         that many *additional* steps, as in SB3).
 
-        ``callback(metrics)`` runs after every update; returning ``False`` stops training.
+        ``callback(metrics)`` runs after every update; returning ``False`` stops training. An
+        SB3 ``BaseCallback`` (or a list of them) gets SB3's calls instead: ``on_step`` after
+        every vector env step (``False`` stops training there, the partial rollout unused).
+        With ``tensorboard_log``, metrics go to ``<tensorboard_log>/<tb_log_name>_<i>``.
         With ``checkpoints``, a checkpoint is written every ``checkpoint_every`` updates (0:
         never periodically) and on SIGINT/SIGTERM, which then raise
         :class:`TrainingInterrupted` after saving.
@@ -365,19 +400,36 @@ class OnPolicyNaturalAlgorithm:
             target = int(total_timesteps)
         else:
             target = self.num_timesteps + int(total_timesteps)
+        if self.tensorboard_log is not None and self._logger is None:
+            self._logger = tensorboard_logger(self.tensorboard_log, tb_log_name or self.algo_name)
+        sb3_callback = SB3Callback(callback, self) if is_sb3_callback(callback) else None
+        if sb3_callback is not None:
+            callback = None
         if not self._started:
             self._start()
         self._interrupt = None
         self._boundary = self._capture_state()
         t_start, steps_start = time.perf_counter(), self.num_timesteps
+        if sb3_callback is not None:
+            sb3_callback.training_start(locals())
         with self._signal_guard():
             while self.num_timesteps < target:
                 t0 = time.perf_counter()
-                batch = self.collector.collect(lambda: self._interrupt is not None)
+                steps_before = self.num_timesteps
+                if sb3_callback is None:
+                    batch = self.collector.collect(lambda: self._interrupt is not None)
+                else:
+                    batch = self._collect_with(sb3_callback)
+                if batch is None and self._interrupt is None:  # an SB3 callback said stop
+                    self._boundary = self._capture_state()
+                    break
                 if batch is None:
                     self._stop_on_signal(checkpoints)
                 t_rollout = time.perf_counter() - t0
-                self.num_timesteps += batch.rewards.numel()  # fewer if a Ray worker was lost
+                # fewer than n_steps × n_envs if a Ray worker was lost
+                self.num_timesteps = steps_before + batch.rewards.numel()
+                if sb3_callback is not None:
+                    sb3_callback.rollout_end()
                 metrics = self.train_on_batch(batch)
                 self.num_updates += 1
                 t_total = time.perf_counter() - t0
@@ -397,6 +449,8 @@ class OnPolicyNaturalAlgorithm:
                 }
                 if self.verbose:
                     print(self._format(metrics), flush=True)
+                if self._logger is not None:
+                    record_metrics(self._logger, metrics, self.num_timesteps)
                 keep_going = callback(metrics) if callback is not None else True
                 self._boundary = self._capture_state()
                 if (
@@ -409,7 +463,45 @@ class OnPolicyNaturalAlgorithm:
                     self._stop_on_signal(checkpoints)
                 if keep_going is False:
                     break
+        if sb3_callback is not None:
+            sb3_callback.training_end()
         return self
+
+    def _collect_with(self, callback: SB3Callback) -> RolloutBatch | None:
+        """One rollout with ``callback.step`` after every vector step (``num_timesteps``
+        counting as it goes, as SB3 callbacks read it); ``None`` if it or a signal stopped."""
+        if not isinstance(self.collector, RolloutCollector):
+            raise ValueError("SB3 callbacks need the in-process rollout (not the Ray collector)")
+        callback.rollout_start()
+
+        def on_step(
+            new_obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: dict
+        ) -> bool:
+            self.num_timesteps += self.n_envs
+            return not callback.step(new_obs, rewards, dones, infos)
+
+        return self.collector.collect(lambda: self._interrupt is not None, on_step)
+
+    # --- SB3-style accessors ------------------------------------------------------------------
+    @property
+    def logger(self) -> Any:
+        """The SB3 ``Logger`` metrics are recorded into (one that writes nothing by default)."""
+        if self._logger is None:
+            self._logger = default_logger()
+        return self._logger
+
+    def set_logger(self, logger: Any) -> None:
+        """Record every update's metrics into this SB3 ``Logger`` (as SB3's ``set_logger``)."""
+        self._logger = logger
+
+    def get_env(self) -> Any:
+        """The training env as it was passed in (an SB3 ``VecEnv`` stays one)."""
+        return self._user_env
+
+    def get_vec_normalize_env(self) -> None:
+        """``None``: observations are normalized inside the agent, never by a ``VecNormalize``
+        of SB3's (SB3's ``EvalCallback`` asks)."""
+        return None
 
     def _stop_on_signal(self, checkpoints: CheckpointManager | None) -> None:
         """Save the last update-boundary state and raise :class:`TrainingInterrupted`."""
@@ -620,9 +712,19 @@ class OnPolicyNaturalAlgorithm:
 
     # --- inference ----------------------------------------------------------------------------
     def predict(
-        self, observation: np.ndarray, deterministic: bool = True
-    ) -> tuple[np.ndarray, None]:
-        """Actions for raw observations (one, or a batch); ``(actions, None)`` as in SB3."""
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> tuple[np.ndarray, Any]:
+        """Actions for raw observations (one, or a batch); ``(actions, state)`` as in SB3.
+
+        ``state``/``episode_start`` are SB3's recurrent-policy arguments: the policies here are
+        feed-forward, so ``state`` is passed back unchanged. Dict/Tuple observations (one, or
+        batched per key as SB3 VecEnvs give them) are flattened as training flattened them.
+        """
+        observation = self._flat_observation(observation)
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim <= 1 or obs.shape == self.env.single_observation_space.shape
         batch = obs.reshape(-1, self.policy.obs_dim)
@@ -630,7 +732,29 @@ class OnPolicyNaturalAlgorithm:
         with torch.inference_mode():
             a = self.policy.act(torch.from_numpy(norm).to(self.device), deterministic).cpu()
         env_actions = self.policy.to_env_actions(a)
-        return (env_actions[0] if single else env_actions), None
+        return (env_actions[0] if single else env_actions), state
+
+    def _flat_observation(self, observation: Any) -> Any:
+        """A raw Dict/Tuple/Discrete observation as the flat array the policy reads."""
+        raw = raw_observation_space(self.env)
+        if raw is None or isinstance(raw, spaces.Box):
+            return observation
+        flat_shape = self.env.single_observation_space.shape
+        if isinstance(observation, np.ndarray) and observation.shape[-1:] == flat_shape:
+            return observation  # already flat
+        if isinstance(raw, spaces.Dict):
+            first = np.asarray(observation[next(iter(raw.spaces))])
+            inner = raw.spaces[next(iter(raw.spaces))].shape or ()
+            n = first.shape[0] if first.ndim > len(inner) else None
+        elif isinstance(raw, spaces.Tuple):
+            first = np.asarray(observation[0])
+            n = first.shape[0] if first.ndim > len(raw.spaces[0].shape or ()) else None
+        else:
+            arr = np.asarray(observation)
+            n = arr.shape[0] if arr.ndim > len(raw.shape or ()) else None
+        if n is None:
+            return spaces.flatten(raw, observation).astype(np.float32, copy=False)
+        return flatten_batch(raw, observation, n)
 
     # --- checkpoints --------------------------------------------------------------------------
     def _env_states(self) -> list[dict[str, Any]] | None:

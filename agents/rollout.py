@@ -146,8 +146,13 @@ class RolloutCollector:
         return bad
 
     # --- the loop -----------------------------------------------------------------------------
-    def collect(self, should_stop: Callable[[], bool] | None = None) -> RolloutBatch | None:
-        """Run ``n_steps`` vector steps; ``None`` if ``should_stop()`` became true midway."""
+    def collect(
+        self,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[np.ndarray, np.ndarray, np.ndarray, dict], bool] | None = None,
+    ) -> RolloutBatch | None:
+        """Run ``n_steps`` vector steps; ``None`` if ``should_stop()`` became true midway or
+        ``on_step(raw next obs, rewards, dones, infos)`` (after each step) returned true."""
         assert self.cur_obs is not None, "call start() first"
         env, policy, gen = self.env, self.policy, self.generator
         obs_buf, act_buf = self._np["obs"], self._np["actions"]
@@ -226,6 +231,9 @@ class RolloutCollector:
             term_buf[t] = terminated
             trunc_buf[t] = trunc_only
             self.cur_obs = self.obs_norm(next_obs, update=True)
+            if on_step is not None and on_step(next_obs, reward, done, infos):
+                self.dropped_total += dropped
+                return None
         self.dropped_total += dropped
         idx = np.asarray(final_index, dtype=np.int64).reshape(-1, 2)
         fobs = (
