@@ -68,9 +68,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trpo-mc-pcg": ("trpo", dict(fisher="mc", preconditioner="kfac")),
     "npg-exact": ("npg", dict(fisher="exact")),
 }
-#: the study as run for docs/fisher_comparison.md (trpo-mc-pcg trimmed for time)
+#: the short-budget study of docs/fisher_comparison.md (trpo-mc-pcg trimmed for time)
 DEFAULT_VARIANTS = list(VARIANTS)[:9]
-DEFAULT_BUDGETS = ["20480", "Hopper-v5=32768", "HalfCheetah-v5=32768"]
 #: flavours measured on every diagnosed batch: name -> (make_fisher name, options, PCG?)
 FLAVOURS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "exact": ("exact", {}, False),
