@@ -27,7 +27,15 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from plot_fisher import FLAVOUR_ORDER, T95, ci95, num, ordered, write_csv  # noqa: E402
+from plot_fisher import (  # noqa: E402
+    FLAVOUR_ORDER,
+    T95,
+    ci95,
+    first_crossing,
+    num,
+    ordered,
+    write_csv,
+)
 from scipy.stats import trim_mean  # noqa: E402
 
 #: sb3-contrib TRPO, documented (rl-baselines3-zoo benchmark: 1M steps, 3 seeds, v3 envs)
@@ -116,10 +124,31 @@ def _fmt_ci(m: float, hw: float) -> str:
     return f"{m:.1f} ± {hw:.1f}"
 
 
+def _curve(cell: dict[str, Any]) -> list[tuple]:
+    """A cell's training curve as ``(timesteps, cpu_s, return, None)`` (``first_crossing``'s)."""
+    return [
+        (int(r["timesteps"]), num(r["cpu_s"]), num(r["ep_return_mean"]), None)
+        for r in cell["rows"]
+        if r["record"] == "update"
+    ]
+
+
+def thresholds(by: dict[tuple[str, str], list[dict]]) -> dict[str, float]:
+    """Per task: TRPO-exact's final training return (last 100 episodes), mean over its seeds."""
+    return {
+        task: float(np.mean([_curve(c)[-1][2] for c in cells]))
+        for (task, v), cells in by.items()
+        if v == "trpo-exact"
+    }
+
+
 def variant_rows(by: dict[tuple[str, str], list[dict]], reps: int) -> list[dict[str, Any]]:
     """One summary row per task × variant with cells."""
     rows = []
+    thr = thresholds(by)
     for (task, v), cells in by.items():
+        cross = [first_crossing(_curve(c), thr.get(task, math.nan)) for c in cells]
+        reached = [x for x in cross if math.isfinite(x)]
         finals = np.array([c["eval"]["eval_return"] for c in cells])
         m, hw, n = ci95(finals)
         point, lo, hi = iqm_ci(finals, reps)
@@ -141,6 +170,9 @@ def variant_rows(by: dict[tuple[str, str], list[dict]], reps: int) -> list[dict[
                 iqm_lo=lo,
                 iqm_hi=hi,
                 per_seed=" ".join(f"{x:.1f}" for x in finals),
+                threshold=thr.get(task, math.nan),
+                steps_to_threshold=float(np.mean(reached)) if reached else math.nan,
+                seeds_reaching=len(reached),
                 cpu_per_update_s=float(np.nanmean(cpu_upd)),
                 wall_per_update_s=float(np.nanmean(wall_upd)),
                 train_wall_s=float(np.mean([c["train_wall_s"] for c in cells])),
@@ -217,10 +249,13 @@ def report(grid: Path, reps: int = 20_000) -> str:
         f"{reps} resamples]. CPU s / update: process CPU time (all threads) per update of "
         "the training, diagnostics excluded; diag: the diagnostics' CPU time as a fraction of "
         "the training's; cos: the run's own step against the exact natural gradient on the "
-        "diagnosed updates.\n",
+        "diagnosed updates; steps to thr.: env steps until a seed's training return (last 100 "
+        "episodes) first reaches TRPO-exact's seed-mean final training return, mean over the "
+        "seeds reaching it.\n",
         "| task | variant | seeds | budget | mean ± std | mean ± 95% CI | IQM [95% CI] "
-        "| per seed | CPU s / update | wall s / run | diag | cos(step, exact) | KL/δ (max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| per seed | steps to thr. (seeds) | CPU s / update | wall s / run | diag "
+        "| cos(step, exact) | KL/δ (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in vrows:
         md.append(
@@ -228,6 +263,7 @@ def report(grid: Path, reps: int = 20_000) -> str:
             f"| {_fmt_ci(r['final_mean'], r['final_std'])} "
             f"| {_fmt_ci(r['final_mean'], r['final_ci95'])} "
             f"| {r['iqm']:.1f} [{r['iqm_lo']:.1f}, {r['iqm_hi']:.1f}] | {r['per_seed']} "
+            f"| {r['steps_to_threshold']:.0f} ({r['seeds_reaching']}/{r['seeds']}) "
             f"| {r['cpu_per_update_s']:.3f} | {r['train_wall_s']:.0f} "
             f"| {100 * r['diag_cpu_overhead']:.1f}% | {r['cos_step_exact']:.3f} "
             f"| {r['kl_ratio_mean']:.2f} ({r['kl_ratio_max']:.2f}) |"
