@@ -5,9 +5,9 @@
 Writes into the grid folder: ``summary.md`` (final deterministic return per task × variant:
 mean ± std, mean ± 95% Student-t CI, interquartile mean with a 95% stratified-bootstrap CI (the
 estimator of rliable, :func:`iqm_ci`); costs and diagnostics; the flavours on the same batches;
-the cells still to run),
-``summary.csv``, ``return_vs_steps.png`` and ``return_vs_cpu.png`` (training return, mean ±
-95% CI over seeds).
+the cells still to run), ``returns.md`` (the final-return table of docs/rl_results.md),
+``summary.csv``, ``summary_flavours.csv``, ``return_vs_steps.png`` and ``return_vs_cpu.png``
+(training return, mean ± 95% CI over seeds).
 """
 
 from __future__ import annotations
@@ -297,4 +297,24 @@ def report(grid: Path, reps: int = 20_000) -> str:
     md += [f"| {t} | {v} | {' '.join(map(str, s))} |" for (t, v), s in count.items()]
     text = "\n".join(md) + "\n"
     (grid / "summary.md").write_text(text)
+    (grid / "returns.md").write_text(returns_table(vrows))
     return text
+
+
+def returns_table(vrows: list[dict[str, Any]]) -> str:
+    """The final-return table of docs/rl_results.md, next to sb3-contrib's documented TRPO."""
+    md = [
+        "| task | algorithm | seeds | env steps | final det. return, mean ± std | mean ± 95% CI "
+        "| IQM [95% CI] | sb3-contrib TRPO, documented (v3, 3 seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in vrows:
+        ref = SB3_DOCUMENTED.get(r["task"].split("-")[0])
+        md.append(
+            f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['budget']} "
+            f"| {_fmt_ci(r['final_mean'], r['final_std'])} "
+            f"| {_fmt_ci(r['final_mean'], r['final_ci95'])} "
+            f"| {r['iqm']:.1f} [{r['iqm_lo']:.1f}, {r['iqm_hi']:.1f}] "
+            f"| {f'{ref[0]} ± {ref[1]}' if ref else '—'} |"
+        )
+    return "\n".join(md) + "\n"

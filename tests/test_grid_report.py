@@ -142,7 +142,13 @@ def test_resume_redoes_nothing(tiny_grid: Path) -> None:
 
 def test_report_from_cells(tiny_grid: Path) -> None:
     text = gr.report(tiny_grid, reps=2000)
-    for name in ("summary.md", "summary.csv", "return_vs_steps.png", "return_vs_cpu.png"):
+    for name in (
+        "summary.md",
+        "returns.md",
+        "summary.csv",
+        "return_vs_steps.png",
+        "return_vs_cpu.png",
+    ):
         assert (tiny_grid / name).stat().st_size > 0
     with (tiny_grid / "summary.csv").open() as f:
         (row,) = list(csv.DictReader(f))
