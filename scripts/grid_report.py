@@ -120,8 +120,9 @@ def plot_curves(by: dict[tuple[str, str], list[dict]], tasks: list[str], out: Pa
         plt.close(fig)
 
 
-def _fmt_ci(m: float, hw: float) -> str:
-    return f"{m:.1f} ± {hw:.1f}"
+def _fmt_ci(m: float, hw: float, n: int) -> str:
+    """``m ± hw``; a spread of one seed is undefined: ``m (1 seed)``."""
+    return f"{m:.1f} ± {hw:.1f}" if n > 1 else f"{m:.1f} (1 seed)"
 
 
 def _curve(cell: dict[str, Any]) -> list[tuple]:
@@ -260,8 +261,8 @@ def report(grid: Path, reps: int = 20_000) -> str:
     for r in vrows:
         md.append(
             f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['budget']} "
-            f"| {_fmt_ci(r['final_mean'], r['final_std'])} "
-            f"| {_fmt_ci(r['final_mean'], r['final_ci95'])} "
+            f"| {_fmt_ci(r['final_mean'], r['final_std'], r['seeds'])} "
+            f"| {_fmt_ci(r['final_mean'], r['final_ci95'], r['seeds'])} "
             f"| {r['iqm']:.1f} [{r['iqm_lo']:.1f}, {r['iqm_hi']:.1f}] | {r['per_seed']} "
             f"| {r['steps_to_threshold']:.0f} ({r['seeds_reaching']}/{r['seeds']}) "
             f"| {r['cpu_per_update_s']:.3f} | {r['train_wall_s']:.0f} "
@@ -312,8 +313,8 @@ def returns_table(vrows: list[dict[str, Any]]) -> str:
         ref = SB3_DOCUMENTED.get(r["task"].split("-")[0])
         md.append(
             f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['budget']} "
-            f"| {_fmt_ci(r['final_mean'], r['final_std'])} "
-            f"| {_fmt_ci(r['final_mean'], r['final_ci95'])} "
+            f"| {_fmt_ci(r['final_mean'], r['final_std'], r['seeds'])} "
+            f"| {_fmt_ci(r['final_mean'], r['final_ci95'], r['seeds'])} "
             f"| {r['iqm']:.1f} [{r['iqm_lo']:.1f}, {r['iqm_hi']:.1f}] "
             f"| {f'{ref[0]} ± {ref[1]}' if ref else '—'} |"
         )
