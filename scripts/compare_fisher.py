@@ -81,7 +81,7 @@ FLAVOURS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 REF_ITERS, REF_TOL = 100, 1e-10
 #: diagnosed updates: every DIAG_EVERY-th (measured overhead: docs/fisher_comparison.md)
-DIAG_EVERY = 40
+DIAG_EVERY = 60
 ALGOS: dict[str, type[OnPolicyNaturalAlgorithm]] = {"trpo": TRPO, "npg": NPG, "kfac-nac": KFACNAC}
 
 
