@@ -450,9 +450,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="docs/fisher_comparison")
-    p.add_argument("--csv", default=None, help="default: OUT/fisher_study.csv")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="the table comes from `compare_fisher.py run --merge-table`; full-budget grids "
+        "are reported by `compare_fisher.py report --grid DIR`",
+    )
+    p.add_argument("--out", default="docs/fisher_comparison",
+                   help="study folder: figures and summary tables are written here")  # fmt: skip
+    p.add_argument("--csv", default=None,
+                   help="the study's tidy table (default: OUT/fisher_study.csv)")  # fmt: skip
     a = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     out = Path(a.out)

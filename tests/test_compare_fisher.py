@@ -69,7 +69,7 @@ def _records(path: Path) -> list[dict[str, str]]:
 
 def test_study_resumes_without_redoing(tmp_path: Path) -> None:
     cells = cf.build_cells(["CartPole-v1"], ["trpo-exact", "kfac-nac"], [0], {"CartPole-v1": 64})
-    first = cf.run_grid(cells, tmp_path, workers=1, diag_every=1, eval_episodes=1)
+    first = cf.run_grid(cells, tmp_path, workers=1, diag_every=1, eval_episodes=1, merge_table=True)
     assert sorted(first) == sorted(c.key for c in cells)
     files = sorted((tmp_path / "cells").glob("*.csv"))
     mtimes = [p.stat().st_mtime_ns for p in files]
@@ -79,13 +79,15 @@ def test_study_resumes_without_redoing(tmp_path: Path) -> None:
     flavours = {r["flavour"] for r in rows if r["record"] == "flavour"}
     assert flavours == {"exact-ref", *cf.FLAVOURS}
     # second run: nothing trained, nothing rewritten, same table
-    second = cf.run_grid(cells, tmp_path, workers=1, diag_every=1, eval_episodes=1)
+    second = cf.run_grid(
+        cells, tmp_path, workers=1, diag_every=1, eval_episodes=1, merge_table=True
+    )
     assert second == []
     assert [p.stat().st_mtime_ns for p in files] == mtimes
     assert _records(tmp_path / "fisher_study.csv") == rows
     # a grown grid only runs the new cell
     more = cells + cf.build_cells(["CartPole-v1"], ["trpo-diagonal"], [0], {"CartPole-v1": 64})
-    third = cf.run_grid(more, tmp_path, workers=1, diag_every=1, eval_episodes=1)
+    third = cf.run_grid(more, tmp_path, workers=1, diag_every=1, eval_episodes=1, merge_table=True)
     assert third == [more[-1].key]
 
 
