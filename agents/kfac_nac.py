@@ -162,7 +162,8 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
 
     # --- the policy step ------------------------------------------------------------------------
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
-        actor, family, opt, delta = self.policy.actor, self.family, self.actor_optimizer, self.max_kl
+        actor, family, opt = self.policy.actor, self.family, self.actor_optimizer
+        delta = self.max_kl
         t0 = time.perf_counter()
         with torch.no_grad():
             old_out = actor(obs)

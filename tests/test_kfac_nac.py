@@ -142,7 +142,7 @@ def test_an_oversize_step_is_rescaled_or_restored(monkeypatch: pytest.MonkeyPatc
     agent.records = []
     monkeypatch.setattr(agent.actor_optimizer, "kfac_mv", lambda v: 1e-12 * v)
     agent.learn(2 * 64)
-    for _, old, new, m in agent.records:
+    for *_, m in agent.records:
         assert m["step_status"] == "ok"
         assert m["ls_backtracks"] >= 1 and m["kl"] <= delta
     monkeypatch.setattr("agents.kfac_nac.MAX_RESCALES", 0)
@@ -154,6 +154,23 @@ def test_an_oversize_step_is_rescaled_or_restored(monkeypatch: pytest.MonkeyPatc
     agent.close()
 
 
+def _dense_kl_hessian(actor: nn.Module, obs: Tensor, family) -> Tensor:
+    """The Hessian of θ ↦ mean KL(π_actor ‖ π_θ) at θ = actor's parameters, float64, by autograd:
+    the Fisher, computed without any of :mod:`npg`'s Fisher code."""
+    actor, obs = copy.deepcopy(actor).double(), obs.double()
+    names = [n for n, _ in actor.named_parameters()]
+    shapes = [p.shape for p in actor.parameters()]
+    with torch.no_grad():
+        old_out = actor(obs)
+
+    def mean_kl(theta: Tensor) -> Tensor:
+        parts = torch.split(theta, [math.prod(s) for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return family.kl(old_out, torch.func.functional_call(actor, params, (obs,))).mean()
+
+    return torch.autograd.functional.hessian(mean_kl, flat_params(actor))
+
+
 @pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
 def test_exact_clip_is_half_sFs_of_the_dense_fisher(env: str) -> None:
     """The exact clip's ``predicted_kl`` is ½ sᵀFs of the taken step with F the Hessian of the
@@ -163,21 +180,8 @@ def test_exact_clip_is_half_sFs_of_the_dense_fisher(env: str) -> None:
     agent.records = []
     agent.learn(2 * 64)
     for obs, old, new, m in agent.records:
-        old, obs = old.double(), obs.double()
-        theta_old = flat_params(old)
-        step = flat_params(new.double()) - theta_old
-        names = [n for n, _ in old.named_parameters()]
-        shapes = [p.shape for p in old.parameters()]
-        with torch.no_grad():
-            old_out = old(obs)
-
-        def mean_kl(theta: Tensor, old: nn.Module = old, obs: Tensor = obs, old_out=old_out):
-            parts = torch.split(theta, [math.prod(s) for s in shapes])
-            params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-            out = torch.func.functional_call(old, params, (obs,))
-            return agent.family.kl(old_out, out).mean()
-
-        fisher = torch.autograd.functional.hessian(mean_kl, theta_old)
+        step = (flat_params(new) - flat_params(old)).double()
+        fisher = _dense_kl_hessian(old, obs, agent.family)
         assert m["kl_clipped"]
         assert m["predicted_kl"] == pytest.approx(0.5 * float(step @ fisher @ step), rel=1e-3)
     agent.close()
