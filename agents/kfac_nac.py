@@ -1,10 +1,20 @@
 """K-FAC natural actor-critic (ACKTR, Wu et al. 2017) on the agents' rollout machinery.
 
-Policy step: the K-FAC natural gradient of the surrogate with running-average Kronecker factors
-(decay ``kfac_decay``), inverses refreshed every ``kfac_inv_interval`` updates, Tikhonov damping,
-and KL clipping: the step ``lr · d`` with ``d = (F̂ + λI)⁻¹ g`` is shrunk by
-``min(1, sqrt(2δ / (lr·d)ᵀF̂(lr·d)))`` so the *predicted* KL ``½ sᵀF̂s`` never exceeds δ (no line
-search). The factors use actions sampled from the current policy (``kfac_labels="mc"``, the
+Policy step: the K-FAC natural gradient ``d = (F̂ + λI)⁻¹ g`` of the surrogate (π-damped, with
+running-average Kronecker factors of decay ``kfac_decay``, inverses refreshed every
+``kfac_inv_interval`` updates), taken as ``s = lr · d`` and then fitted into the trust region
+(no line search on the surrogate):
+
+1. *clip*: ``s`` is shrunk so that a quadratic model of the KL is at most δ. By default the
+   model is the **true** Fisher at θ_old (``kl_clip="exact"``: one exact Fisher-vector product,
+   ``½ sᵀFs ≤ δ``); ``"kfac-model"`` / ``"kfac-model-damped"`` use the running K-FAC factors
+   (``½ sᵀF̂s`` / ``½ sᵀ(F̂ + λI)s``), which are cheaper but under-predict the KL of a policy
+   whose curvature grows between updates (the running factors lag behind it).
+2. *enforce* (``kl_enforce=True``): while the realized mean KL(π_old ‖ π_new) over the batch
+   exceeds δ, ``s`` is scaled by ``sqrt(δ / KL)`` (at most :data:`MAX_RESCALES` times); a step
+   that never fits is rejected and the actor restored bit-identically.
+
+The factors use actions sampled from the current policy (``kfac_labels="mc"``, the
 true Fisher) or the type-2 expectation (``"exact"``); ``"empirical"`` (the rollout's actions)
 only when asked. The critic takes either a K-FAC Gauss-Newton step (the Fisher of a Gaussian
 predictive on the value output, ``critic_optimizer="kfac"``) or Adam (``"adam"``).
@@ -28,10 +38,14 @@ from torch import Tensor, nn
 from agents import register_algorithm
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
 from agents.presets import register_preset
+from npg import make_fisher
 from npg.optim import NGD
 
 KFAC_LABELS = ("mc", "exact", "empirical")
 CRITIC_OPTIMIZERS = ("kfac", "adam")
+KL_CLIPS = ("exact", "kfac-model", "kfac-model-damped")
+#: realized-KL rescales of one step before it is rejected
+MAX_RESCALES = 10
 
 
 class KFACNAC(OnPolicyNaturalAlgorithm):
@@ -39,9 +53,14 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
 
     Args (besides those of :class:`~agents.base.OnPolicyNaturalAlgorithm`; ``max_kl`` is the
     trust-region radius δ of the KL clipping):
-        lr: policy step multiplier (ACKTR: 0.25); the step ``s = lr·d`` is scaled by
-            ``min(1, sqrt(2δ / sᵀ(F̂ + λI)s))`` (``kl_clip_damped``, as ACKTR's ``gᵀ(F̂+λI)⁻¹g``)
-            or by ``min(1, sqrt(2δ / sᵀF̂s))``; either way ``½ sᵀF̂s ≤ δ``.
+        lr: policy step multiplier (ACKTR: 0.25) of ``s = lr·d``.
+        kl_clip: the KL model ``s`` is clipped with, ``s ← s · min(1, sqrt(2δ / sᵀMs))``:
+            ``"exact"`` (``M = F``, the true Fisher at θ_old), ``"kfac-model"`` (``M = F̂``, the
+            running K-FAC factors) or ``"kfac-model-damped"`` (``M = F̂ + λI``; with the π-damped
+            inverse this is not ACKTR's ``lr²·gᵀ(F̂+λI)⁻¹g``).
+        kl_enforce: rescale the clipped step by ``sqrt(δ / KL)`` until the realized mean KL is
+            at most δ (rejecting it after :data:`MAX_RESCALES` tries); ``False`` takes the
+            clipped step whatever its KL (ACKTR).
         damping: Tikhonov damping λ of the K-FAC inverse (π-damped, as in K-FAC).
         kfac_labels: ``"mc"`` (sampled actions, default), ``"exact"`` (type-2) or
             ``"empirical"`` (the rollout's actions).
@@ -82,7 +101,8 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
         vf_damping: float = 0.01,
         vf_kfac_decay: float = 0.5,
         vf_inv_interval: int = 1,
-        kl_clip_damped: bool = True,
+        kl_clip: str = "exact",
+        kl_enforce: bool = True,
         **kwargs: Any,
     ) -> None:
         own = dict(
@@ -97,7 +117,8 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
             vf_damping=vf_damping,
             vf_kfac_decay=vf_kfac_decay,
             vf_inv_interval=vf_inv_interval,
-            kl_clip_damped=kl_clip_damped,
+            kl_clip=kl_clip,
+            kl_enforce=kl_enforce,
         )
         _validate_own(own)
         kwargs.setdefault("fisher", "kfac")
@@ -142,10 +163,13 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
     # --- the policy step ------------------------------------------------------------------------
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
         actor, family, opt = self.policy.actor, self.family, self.actor_optimizer
+        delta = self.max_kl
         t0 = time.perf_counter()
         with torch.no_grad():
             old_out = actor(obs)
             old_logp = family.log_prob(old_out, actions)
+        # the true Fisher at θ_old (the operator snapshots the parameters it is built at)
+        exact = make_fisher("exact", actor, obs, family) if self.kl_clip == "exact" else None
 
         def closure() -> Tensor:
             opt.zero_grad(set_to_none=True)
@@ -158,42 +182,57 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
         loss = opt.step(closure, inputs=obs, targets=actions)  # θ + lr·d, d = (F̂ + λI)⁻¹ g
         g = -torch.cat([p.grad.reshape(-1) for p in actor.parameters()])  # ∇L (to increase)
         step = flat_params(actor) - before
-        # KL clipping with the K-FAC model (ACKTR): scale = min(1, sqrt(2δ / sᵀ(F̂ + λI)s));
-        # with kl_clip_damped=False the undamped sᵀF̂s is used instead.
         with torch.no_grad():
-            quad = float(step @ opt.kfac_mv(step))  # sᵀF̂s with the running-average factors
-            quad_clip = quad + (self.damping * float(step @ step) if self.kl_clip_damped else 0)
+            # 1. clip with the KL model: scale = min(1, sqrt(2δ / sᵀMs))
+            if exact is not None:
+                quad = float(step @ exact.mv(step))
+            else:
+                quad = float(step @ opt.kfac_mv(step))
+                if self.kl_clip == "kfac-model-damped":
+                    quad += self.damping * float(step @ step)
             scale = 1.0
-            if quad_clip > 0 and math.isfinite(quad_clip):
-                scale = min(1.0, math.sqrt(2 * self.max_kl / quad_clip))
+            if quad > 0 and math.isfinite(quad):
+                scale = min(1.0, math.sqrt(2 * delta / quad))
+            set_flat_params(actor, before + scale * step)
+            t_step, t0 = time.perf_counter() - t0, time.perf_counter()
+            kl, improvement = self._kl_and_improvement(
+                obs, actions, advantages, old_out, old_logp, -float(loss.detach())
+            )
+            # 2. enforce the trust region on the realized mean KL(π_old ‖ π_new)
+            rescales = 0
+            while self.kl_enforce and not kl <= delta and rescales < MAX_RESCALES:
+                if not (math.isfinite(kl) and bool(torch.isfinite(step).all())):
+                    break
+                scale *= math.sqrt(delta / kl)
+                set_flat_params(actor, before + scale * step)
+                kl, improvement = self._kl_and_improvement(
+                    obs, actions, advantages, old_out, old_logp, -float(loss.detach())
+                )
+                rescales += 1
             step = scale * step
-            set_flat_params(actor, before + step)
-            predicted_kl = 0.5 * scale**2 * quad
-        t_step = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            status = "ok"
+            if not (bool(torch.isfinite(step).all()) and math.isfinite(kl)):
+                status = "nonfinite"
+            elif self.kl_enforce and not kl <= delta:
+                status = "kl_rejected"
+            if status != "ok":
+                set_flat_params(actor, before)  # bit-identical: the step is not taken
+                kl, improvement, step = 0.0, 0.0, torch.zeros_like(step)
         info = opt.last_info
-        with torch.no_grad():
-            new_out = actor(obs)
-            kl = float(family.kl(old_out, new_out).mean())
-            ratio = torch.exp(family.log_prob(new_out, actions) - old_logp)
-            improvement = float((ratio * advantages).mean()) + float(loss.detach())
-        finite = bool(torch.isfinite(step).all())
-        if not finite:
-            set_flat_params(actor, before)
         return {
             "kl": kl,
-            "predicted_kl": predicted_kl,
-            "step_scale": self.lr * scale,
+            "predicted_kl": 0.5 * scale**2 * quad if status == "ok" else 0.0,
+            "step_scale": self.lr * scale if status == "ok" else 0.0,
             "kl_clipped": scale < 1.0,
             "surrogate_improvement": improvement,
             "predicted_improvement": float(g @ step),
-            "step_status": "ok" if finite else "nonfinite",
+            "step_status": status,
             "cg_iterations": 0,
             "cg_residual": 0.0,
             "grad_norm": float(g.norm()),
             "kfac_inverses_updated": bool(info.get("kfac_inverses_updated", False)),
-            "ls_backtracks": 0,
-            "ls_success": finite,
+            "ls_backtracks": rescales,
+            "ls_success": status == "ok",
             **self._distribution_metrics(old_out),
             "time_fisher_cg": t_step,
             "time_line_search": time.perf_counter() - t0,
@@ -281,6 +320,8 @@ def _validate_own(c: dict[str, Any]) -> None:
         raise ValueError(f"vf_kfac_decay={c['vf_kfac_decay']!r} is invalid; accepted: [0, 1)")
     if int(c["vf_inv_interval"]) < 1:
         raise ValueError(f"vf_inv_interval={c['vf_inv_interval']!r}; accepted: an int >= 1")
+    if c["kl_clip"] not in KL_CLIPS:
+        raise ValueError(f"kl_clip={c['kl_clip']!r} is invalid; accepted: {', '.join(KL_CLIPS)}")
     if not c["vf_damping"] >= 0:
         raise ValueError(f"vf_damping={c['vf_damping']!r}; accepted: a float >= 0")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -48,11 +49,12 @@ def _kfac_quadratic(agent: KFACNAC, step: Tensor) -> float:
 
 @pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
 @pytest.mark.parametrize("lr", [50.0, 1e-3])
-def test_accepted_step_respects_predicted_kl(env: str, lr: float) -> None:
-    """½ sᵀF̂s ≤ δ for every accepted step; a huge lr is clipped onto the bound (with the
-    damped model: ½ sᵀ(F̂+λI)s = δ), a tiny one is taken as lr·d unclipped."""
+def test_kfac_model_clip_respects_its_model(env: str, lr: float) -> None:
+    """With ``kl_clip="kfac-model-damped"`` (enforcement off) ½ sᵀF̂s ≤ δ for every step; a huge
+    lr is clipped onto ½ sᵀ(F̂+λI)s = δ, a tiny one is taken as lr·d unclipped."""
     delta = 0.005
-    agent = KFACNAC("MlpPolicy", env, lr=lr, max_kl=delta, **SMALL)
+    agent = KFACNAC("MlpPolicy", env, lr=lr, max_kl=delta, kl_clip="kfac-model-damped",
+                    kl_enforce=False, **SMALL)  # fmt: skip
     prev = [flat_params(agent.policy.actor).clone()]
     seen: list[dict] = []
 
@@ -63,10 +65,10 @@ def test_accepted_step_respects_predicted_kl(env: str, lr: float) -> None:
         quad = _kfac_quadratic(agent, step)
         damped = quad + agent.damping * float(step.double() @ step.double())
         assert 0.5 * quad <= delta * (1 + 1e-4)
-        assert m["predicted_kl"] == pytest.approx(0.5 * quad, rel=1e-3)
         if lr > 1:
             assert m["kl_clipped"]
             assert 0.5 * damped == pytest.approx(delta, rel=1e-3)
+            assert m["predicted_kl"] == pytest.approx(0.5 * damped, rel=1e-3)
         else:
             assert not m["kl_clipped"] and m["step_scale"] == lr
         seen.append(m)
@@ -76,12 +78,112 @@ def test_accepted_step_respects_predicted_kl(env: str, lr: float) -> None:
     agent.close()
 
 
-def test_undamped_clipping_hits_the_bound() -> None:
-    agent = KFACNAC("MlpPolicy", "CartPole-v1", lr=50.0, max_kl=0.005, kl_clip_damped=False,
-                    **SMALL)  # fmt: skip
+def test_undamped_kfac_model_clip_hits_the_bound() -> None:
+    agent = KFACNAC("MlpPolicy", "CartPole-v1", lr=50.0, max_kl=0.005, kl_clip="kfac-model",
+                    kl_enforce=False, **SMALL)  # fmt: skip
     kls = []
     agent.learn(2 * 64, callback=lambda m: kls.append(m["predicted_kl"]))
     assert kls == pytest.approx([0.005, 0.005], rel=1e-4)
+    agent.close()
+
+
+def _torch_kl(actor: nn.Module, old: nn.Module, obs: Tensor) -> float:
+    """Mean KL(π_old ‖ π_new) in float64 with ``torch.distributions`` (independent of
+    :mod:`npg.families`)."""
+    with torch.no_grad():
+        new_out, old_out = actor.double()(obs.double()), old.double()(obs.double())
+        if actor.gaussian:  # the output is [mean | log_std]
+            (m_old, ls_old), (m_new, ls_new) = old_out.chunk(2, -1), new_out.chunk(2, -1)
+            p = torch.distributions.Normal(m_old, ls_old.exp())
+            q = torch.distributions.Normal(m_new, ls_new.exp())
+            return float(torch.distributions.kl_divergence(p, q).sum(-1).mean())
+        p = torch.distributions.Categorical(logits=old_out)
+        q = torch.distributions.Categorical(logits=new_out)
+        return float(torch.distributions.kl_divergence(p, q).mean())
+
+
+class _Recorded(KFACNAC):
+    """Records, per update, the batch, the actor before and after and the metrics."""
+
+    def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict:
+        old = copy.deepcopy(self.policy.actor)
+        m = super()._policy_update(obs, actions, advantages)
+        self.records.append((obs.clone(), old, copy.deepcopy(self.policy.actor), m))
+        return m
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Acrobot-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kl_clip", ["exact", "kfac-model"])
+def test_every_accepted_step_keeps_the_realized_kl(env: str, seed: int, kl_clip: str) -> None:
+    """Oversized steps (lr 50) are fitted into the trust region: the realized mean KL of every
+    accepted step, recomputed in float64 with torch.distributions, is at most 1.05 δ."""
+    delta = 0.005
+    agent = _Recorded("MlpPolicy", env, lr=50.0, max_kl=delta, kl_clip=kl_clip,
+                      **(SMALL | dict(seed=seed)))  # fmt: skip
+    agent.records = []
+    agent.learn(4 * 64)
+    accepted = [r for r in agent.records if r[3]["step_status"] == "ok"]
+    assert len(accepted) >= 3
+    for obs, old, new, m in accepted:
+        kl = _torch_kl(new, old, obs)
+        assert 0 < kl <= 1.05 * delta
+        assert m["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    agent.close()
+
+
+def test_an_oversize_step_is_rescaled_or_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A K-FAC model that predicts no curvature lets lr·d through the clip untouched: the
+    realized-KL check rescales it into the trust region, and with no rescales allowed the step
+    is rejected and the actor left bit-identical."""
+    delta = 0.005
+    agent = _Recorded("MlpPolicy", "CartPole-v1", lr=50.0, max_kl=delta, kl_clip="kfac-model",
+                      **SMALL)  # fmt: skip
+    agent.records = []
+    monkeypatch.setattr(agent.actor_optimizer, "kfac_mv", lambda v: 1e-12 * v)
+    agent.learn(2 * 64)
+    for *_, m in agent.records:
+        assert m["step_status"] == "ok"
+        assert m["ls_backtracks"] >= 1 and m["kl"] <= delta
+    monkeypatch.setattr("agents.kfac_nac.MAX_RESCALES", 0)
+    agent.learn(2 * 64, reset_num_timesteps=False)
+    for _, old, new, m in agent.records[2:]:
+        assert m["step_status"] == "kl_rejected" and m["kl"] == 0.0
+        for p_old, p_new in zip(old.parameters(), new.parameters(), strict=True):
+            assert torch.equal(p_old, p_new)
+    agent.close()
+
+
+def _dense_kl_hessian(actor: nn.Module, obs: Tensor, family) -> Tensor:
+    """The Hessian of θ ↦ mean KL(π_actor ‖ π_θ) at θ = actor's parameters, float64, by autograd:
+    the Fisher, computed without any of :mod:`npg`'s Fisher code."""
+    actor, obs = copy.deepcopy(actor).double(), obs.double()
+    names = [n for n, _ in actor.named_parameters()]
+    shapes = [p.shape for p in actor.parameters()]
+    with torch.no_grad():
+        old_out = actor(obs)
+
+    def mean_kl(theta: Tensor) -> Tensor:
+        parts = torch.split(theta, [math.prod(s) for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return family.kl(old_out, torch.func.functional_call(actor, params, (obs,))).mean()
+
+    return torch.autograd.functional.hessian(mean_kl, flat_params(actor))
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_exact_clip_is_half_sFs_of_the_dense_fisher(env: str) -> None:
+    """The exact clip's ``predicted_kl`` is ½ sᵀFs of the taken step with F the Hessian of the
+    mean KL(π_old ‖ π_θ) at θ_old (the Fisher), built densely in float64 by autograd."""
+    agent = _Recorded("MlpPolicy", env, lr=50.0, max_kl=0.005, kl_clip="exact", kl_enforce=False,
+                      **SMALL)  # fmt: skip
+    agent.records = []
+    agent.learn(2 * 64)
+    for obs, old, new, m in agent.records:
+        step = (flat_params(new) - flat_params(old)).double()
+        fisher = _dense_kl_hessian(old, obs, agent.family)
+        assert m["kl_clipped"]
+        assert m["predicted_kl"] == pytest.approx(0.5 * float(step @ fisher @ step), rel=1e-3)
     agent.close()
 
 
