@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gymnasium as gym
 import pytest
 import torch
+from gymnasium import spaces
 from torch import Tensor, nn
 from torch.distributions import Bernoulli as TBernoulli
 from torch.distributions import Categorical as TCategorical
@@ -45,6 +47,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# --- envs -------------------------------------------------------------------------------------
+class DictObsEnv(gym.Env):
+    """One-step episodes with a Dict observation (a Box and a Discrete) and reward = action."""
+
+    observation_space = spaces.Dict({"a": spaces.Box(-1, 1, (2,)), "b": spaces.Discrete(3)})
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), float(action), True, False, {}
 
 
 # --- models -----------------------------------------------------------------------------------

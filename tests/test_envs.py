@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import DictObsEnv
 from gymnasium import spaces
 
 import envs
@@ -44,17 +45,6 @@ def test_vec_env_same_step_autoreset_and_seeding() -> None:
 
 
 def test_dict_observations_are_flattened() -> None:
-    class DictObsEnv(gym.Env):
-        observation_space = spaces.Dict({"a": spaces.Box(-1, 1, (2,)), "b": spaces.Discrete(3)})
-        action_space = spaces.Discrete(2)
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            return self.observation_space.sample(), {}
-
-        def step(self, action):
-            return self.observation_space.sample(), 0.0, True, False, {}
-
     gym.register("test/DictObs-v0", entry_point=DictObsEnv)
     env = make_env("test/DictObs-v0", seed=0)
     assert isinstance(env.observation_space, spaces.Box)

@@ -11,6 +11,7 @@ from gymnasium import spaces
 from torch import nn
 
 pytest.importorskip("stable_baselines3")
+from conftest import DictObsEnv  # noqa: E402
 from stable_baselines3.common.callbacks import (  # noqa: E402
     BaseCallback,
     CheckpointCallback,
@@ -111,30 +112,18 @@ def test_a_single_gym_env_trains_as_one_env_of_the_vector_env() -> None:
     assert agent.get_env() is env
 
 
-class _DictObsEnv(gym.Env):
-    observation_space = spaces.Dict({"a": spaces.Box(-1, 1, (2,)), "b": spaces.Discrete(3)})
-    action_space = spaces.Discrete(2)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), float(action), True, False, {}
-
-
 @pytest.mark.parametrize("make", ["id", "gym", "sb3"])
 def test_predict_on_raw_dict_observations(make: str) -> None:
     if "test/DictObsSB3-v0" not in gym.registry:
-        gym.register("test/DictObsSB3-v0", entry_point=_DictObsEnv)
+        gym.register("test/DictObsSB3-v0", entry_point=DictObsEnv)
     env = {
         "id": "test/DictObsSB3-v0",
-        "gym": _DictObsEnv(),
-        "sb3": DummyVecEnv([_DictObsEnv] * 2),
+        "gym": DictObsEnv(),
+        "sb3": DummyVecEnv([DictObsEnv] * 2),
     }[make]
     n_envs = 2 if make == "sb3" else 1
     agent = TRPO("MlpPolicy", env, **{**SMALL, "n_envs": n_envs, "vf_minibatch": 32}).learn(128)
-    space = _DictObsEnv.observation_space
+    space = DictObsEnv.observation_space
     space.seed(0)
     rows = [space.sample() for _ in range(3)]
     flat = np.stack([spaces.flatten(space, r) for r in rows]).astype(np.float32)
