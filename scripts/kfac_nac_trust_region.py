@@ -26,7 +26,6 @@ import argparse
 import copy
 import csv
 import math
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from compare_fisher import write_rows  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from agents.base import flat_params  # noqa: E402
@@ -49,10 +49,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "exact-fresh": dict(kl_clip="exact", kfac_decay=0.0),
     "exact-fresh-lr1": dict(kl_clip="exact", kfac_decay=0.0, lr=1.0),
 }
-FIELDS = [
-    "update", "timesteps", "ep_return_mean", "kl_ratio", "kfac_model_kl_ratio",
-    "exact_quad_kl_ratio", "step_scale", "rescales", "step_status", "cos_exact", "cpu_update_s",
-]  # fmt: skip
 
 
 class Diagnosed(KFACNAC):
@@ -113,17 +109,6 @@ def run_cell(env: str, config: str, seed: int, updates: int, cos_every: int) -> 
     return rows
 
 
-def write_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def summarize(cells: Path) -> str:
     """The summary table (markdown) of every finished cell, per configuration."""
     by_config: dict[str, list[list[dict]]] = {}
@@ -179,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             if path.exists():
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
-            write_atomic(path, run_cell(args.env, config, seed, args.updates, args.cos_every))
+            write_rows(path, run_cell(args.env, config, seed, args.updates, args.cos_every))
             print(f"{path.name}: {time.perf_counter() - t0:.0f} s wall, "
                   f"{time.process_time() - c0:.0f} s CPU", flush=True)  # fmt: skip
     (args.out / "summary.md").write_text(summarize(cells))
