@@ -428,7 +428,7 @@ def build_cells(tasks: list[str], variants: list[str], seeds: list[int],
 
 MUJOCO = ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
 CLASSIC = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1")
-#: the other TRPO flavours of the full-budget grid (K-FAC NAC waits for its trust region)
+#: the other TRPO flavours of the full-budget grid
 TRPO_FLAVOURS = ("trpo-exact-pcg", "trpo-kfac", "trpo-mc", "trpo-empirical", "trpo-diagonal")
 
 
@@ -440,16 +440,19 @@ def preset_budget(task: str, algo: str = "trpo") -> int:
 def full_budget_grid() -> list[Cell]:
     """The full-budget grid in the order its cells are worth most: TRPO-exact on the MuJoCo
     tasks (seeds 0-4, seed-major, so three tasks × three seeds land first) with the cheap
-    classic-control cells interleaved; then the other TRPO flavours (seeds 0-2); then NPG-exact
-    (seeds 0-4); then LunarLander-v3. Every cell runs its task's preset budget."""
+    classic-control cells interleaved; then K-FAC NAC (seeds 0-2); then the other TRPO flavours
+    (seeds 0-2); then NPG-exact (seeds 0-4) and K-FAC NAC's seeds 3-4; then LunarLander-v3.
+    Every cell runs its task's preset budget."""
 
     def rounds(variants: tuple[str, ...], tasks: tuple[str, ...], seeds: range) -> list[Cell]:
         return [Cell(t, v, s, preset_budget(t)) for s in seeds for v in variants for t in tasks]
 
     cells = rounds(("trpo-exact",), MUJOCO + CLASSIC, range(5))
+    cells += rounds(("kfac-nac",), MUJOCO + CLASSIC, range(3))
     cells += rounds(TRPO_FLAVOURS, MUJOCO + CLASSIC, range(3))
     cells += rounds(("npg-exact",), MUJOCO + CLASSIC, range(5))
-    cells += rounds(("trpo-exact", "npg-exact"), ("LunarLander-v3",), range(5))
+    cells += rounds(("kfac-nac",), MUJOCO + CLASSIC, range(3, 5))
+    cells += rounds(("trpo-exact", "npg-exact", "kfac-nac"), ("LunarLander-v3",), range(5))
     cells += rounds(TRPO_FLAVOURS, ("LunarLander-v3",), range(3))
     assert len(set(cells)) == len(cells) and all(c.variant in VARIANTS for c in cells)
     return cells
