@@ -6,8 +6,12 @@ Writes into the grid folder: ``summary.md`` (final deterministic return per task
 mean ± std, mean ± 95% Student-t CI, interquartile mean with a 95% stratified-bootstrap CI (the
 estimator of rliable, :func:`iqm_ci`); costs and diagnostics; the flavours on the same batches;
 the cells still to run), ``returns.md`` (the final-return table of docs/rl_results.md),
-``summary.csv``, ``summary_flavours.csv``, ``return_vs_steps.png`` and ``return_vs_cpu.png``
-(training return, mean ± 95% CI over seeds).
+``summary.csv``, ``summary_flavours.csv``, ``status.md`` (how many cells are done),
+``return_vs_steps.png`` and ``return_vs_cpu.png`` (training return, mean ± 95% CI over seeds).
+
+Then it refreshes every page next to the grid folder (``docs/*.md``) that quotes one of those
+markdown files between ``<!-- begin: rl_grid/returns.md -->`` and ``<!-- end: rl_grid/returns.md
+-->`` markers (the folder's name, then the file), so the pages never hold a stale copy.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -297,9 +302,42 @@ def report(grid: Path, reps: int = 20_000) -> str:
     ]
     md += [f"| {t} | {v} | {' '.join(map(str, s))} |" for (t, v), s in count.items()]
     text = "\n".join(md) + "\n"
-    (grid / "summary.md").write_text(text)
-    (grid / "returns.md").write_text(returns_table(vrows))
+    n_plan = len(cf.full_budget_grid())
+    status = (
+        f"{n_plan - len(todo)} of the full grid's {n_plan} cells are finished and committed; "
+        f"{len(todo)} are still to run (listed at the end of [{grid.name}/summary.md]"
+        f"({grid.name}/summary.md), and by "
+        "`compare_fisher.py run --plan full --list`).\n"
+    )
+    generated = {"summary.md": text, "returns.md": returns_table(vrows), "status.md": status}
+    for name, content in generated.items():
+        (grid / name).write_text(content)
+    for page in sorted(grid.parent.glob("*.md")):
+        fill_page(page, grid.name, generated)
     return text
+
+
+def fill_page(page: Path, folder: str, generated: dict[str, str]) -> bool:
+    """Replace each ``<!-- begin: FOLDER/NAME -->…<!-- end: FOLDER/NAME -->`` block of ``page``
+    by ``generated[NAME]``; returns whether the page changed. An unknown NAME is an error (a
+    page must not quote a file the report does not write)."""
+    old = page.read_text()
+    pattern = re.compile(
+        rf"(<!-- begin: {re.escape(folder)}/(?P<name>[\w.]+) -->\n)(?:.*?\n)?"
+        rf"(<!-- end: {re.escape(folder)}/(?P=name) -->)",
+        re.S,
+    )
+
+    def body(m: re.Match[str]) -> str:
+        name = m["name"]
+        if name not in generated:
+            raise ValueError(f"{page}: quotes {folder}/{name}, which the report does not write")
+        return m[1] + generated[name].rstrip("\n") + "\n" + m[3]
+
+    new = pattern.sub(body, old)
+    if new != old:
+        page.write_text(new)
+    return new != old
 
 
 def returns_table(vrows: list[dict[str, Any]]) -> str:

@@ -162,3 +162,22 @@ def test_report_from_cells(tiny_grid: Path) -> None:
     assert float(row["final_std"]) == pytest.approx(np.std(evals, ddof=1))
     assert "| CartPole-v1 | trpo-exact | 2 |" in text
     assert f"still to run ({len(cf.full_budget_grid())})" in text
+
+
+def test_report_refreshes_the_pages_that_quote_it(tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    page.write_text(
+        "intro\n<!-- begin: g/returns.md -->\nstale table\n<!-- end: g/returns.md -->\n"
+        "middle\n<!-- begin: g/status.md -->\n<!-- end: g/status.md -->\noutro\n"
+    )
+    generated = {"returns.md": "| new | table |\n", "status.md": "3 of 5 done.\n"}
+    assert gr.fill_page(page, "g", generated)
+    assert page.read_text() == (
+        "intro\n<!-- begin: g/returns.md -->\n| new | table |\n<!-- end: g/returns.md -->\n"
+        "middle\n<!-- begin: g/status.md -->\n3 of 5 done.\n<!-- end: g/status.md -->\noutro\n"
+    )
+    assert not gr.fill_page(page, "g", generated)  # idempotent
+    assert not gr.fill_page(page, "other", generated)  # another grid's markers only
+    page.write_text("<!-- begin: g/nope.md -->\n<!-- end: g/nope.md -->\n")
+    with pytest.raises(ValueError, match="g/nope.md"):
+        gr.fill_page(page, "g", generated)
