@@ -22,11 +22,12 @@ from envs.analytic import (
     bandit_natural_gradient,
     register_analytic_envs,
 )
+from envs.envpool_env import EnvPoolVectorEnv, envpool_available
 from envs.state import get_env_state, set_env_state, supports_state
 
 register_analytic_envs()
 
-VECTORIZATIONS = ("sync", "async")
+VECTORIZATIONS = ("sync", "async", "envpool")
 _FLATTENABLE = (
     spaces.Dict,
     spaces.Tuple,
@@ -87,14 +88,22 @@ def make_vec_env(
 
     Sub-env ``i`` is seeded with ``seed + i`` by the first ``reset`` (already done here when
     ``seed`` is given); ``vectorization`` is ``"sync"`` (in-process, a
-    :class:`LeanSyncVectorEnv`; ``step_infos=False`` skips merging per-step infos) or
-    ``"async"`` (one worker process per sub-env).
+    :class:`LeanSyncVectorEnv`; ``step_infos=False`` skips merging per-step infos),
+    ``"async"`` (one worker process per sub-env) or ``"envpool"`` (EnvPool's C++ executor, an
+    :class:`EnvPoolVectorEnv`; ``kwargs`` are then EnvPool's task options and ``step_infos``
+    is moot: it reports no per-step infos).
     """
     check_env_id(env_id)
     if vectorization not in VECTORIZATIONS:
         raise ValueError(f"vectorization={vectorization!r}; accepted: {', '.join(VECTORIZATIONS)}")
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    if vectorization == "envpool":
+        pool = EnvPoolVectorEnv(env_id, n_envs, seed, **kwargs)
+        if seed is not None:
+            pool.reset(seed=seed)
+            pool.action_space.seed(seed)
+        return pool
     fns = [_env_fn(env_id, kwargs) for _ in range(n_envs)]
     if vectorization == "sync":
         vec = LeanSyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP, step_infos=step_infos)
@@ -181,6 +190,7 @@ class TracebackAsyncVectorEnv(AsyncVectorEnv):
 
 __all__ = [
     "VECTORIZATIONS",
+    "EnvPoolVectorEnv",
     "EnvWorkerError",
     "LeanSyncVectorEnv",
     "TracebackAsyncVectorEnv",
@@ -188,6 +198,7 @@ __all__ = [
     "GaussianBanditEnv",
     "bandit_natural_gradient",
     "check_env_id",
+    "envpool_available",
     "get_env_state",
     "make_env",
     "make_vec_env",
