@@ -102,6 +102,34 @@ def test_a_dummy_vec_env_trains_as_the_gymnasium_vector_env() -> None:
     assert agent.get_env() is venv
 
 
+def test_sb3_dones_split_into_terminated_and_truncated_as_gymnasium_does() -> None:
+    """Same seeds, same actions: the adapted DummyVecEnv and our Gymnasium vector env agree on
+    every step's observations, terminations, truncations and final observations. Env 0 balances
+    the pole (its episodes hit the 20-step limit: truncated), env 1 pushes right (it falls:
+    terminated), so both kinds of episode end occur."""
+    import envs
+    from agents.sb3_compat import SB3VecEnvAdapter
+
+    make = lambda: gym.make("CartPole-v1", max_episode_steps=20)  # noqa: E731
+    adapted = SB3VecEnvAdapter(DummyVecEnv([make, make]))
+    reference = envs.make_vec_env("CartPole-v1", 2, None, max_episode_steps=20)
+    obs_a, _ = adapted.reset(seed=5)
+    obs_r, _ = reference.reset(seed=5)
+    ends = {"terminated": 0, "truncated": 0}
+    for _ in range(100):
+        np.testing.assert_array_equal(obs_a, obs_r)
+        actions = np.array([int(obs_r[0, 2] + obs_r[0, 3] > 0), 1])
+        obs_a, _, term_a, trunc_a, info_a = adapted.step(actions)
+        obs_r, _, term_r, trunc_r, info_r = reference.step(actions)
+        np.testing.assert_array_equal(term_a, term_r)
+        np.testing.assert_array_equal(trunc_a, trunc_r)
+        for i in np.flatnonzero(term_r | trunc_r):
+            np.testing.assert_array_equal(info_a["final_obs"][i], info_r["final_obs"][i])
+        ends["terminated"] += int(term_r.sum())
+        ends["truncated"] += int(trunc_r.sum())
+    assert ends["terminated"] > 0 and ends["truncated"] > 0
+
+
 def test_a_single_gym_env_trains_as_one_env_of_the_vector_env() -> None:
     one = {**SMALL, "n_envs": 1, "vf_minibatch": 64}
     a, b = [], []
