@@ -1,10 +1,14 @@
 """Rollout bookkeeping cost: our collector vs SB3's ``OnPolicyAlgorithm.collect_rollouts``.
 
     python scripts/bench_rollout.py --env CartPole-v1 --n-envs 1 8 --steps 4096
+    python scripts/bench_rollout.py --env Hopper-v5 --n-envs 2 --vectorization sync envpool
 
-For each setting it times (a) the bare vector-env steps with pre-sampled actions, (b) our
-``RolloutCollector.collect`` and (c) sb3-contrib TRPO's ``collect_rollouts`` (if installed),
-all single-threaded, and reports ms per vector step and the overhead over (a).
+For each setting it times (a) the bare vector-env steps with pre-sampled actions (the floor),
+(b) our ``RolloutCollector.collect`` on the same backend and (c) sb3-contrib TRPO's
+``collect_rollouts`` (if installed; its own ``DummyVecEnv``, so only next to ``sync``), all
+single-threaded, and reports ms per vector step and the overhead over (a). ``--vectorization``
+picks our backends: ``sync`` (Gymnasium's envs in-process) and/or ``envpool`` (EnvPool's C++
+executor).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from agents import TRPO  # noqa: E402
 from envs import make_vec_env  # noqa: E402
 
 
-def bare_env(env_id: str, n_envs: int, steps: int) -> float:
+def bare_env(env_id: str, n_envs: int, steps: int, vectorization: str = "sync") -> float:
     """Seconds per vector step of the env alone (actions sampled beforehand)."""
-    env = make_vec_env(env_id, n_envs, seed=0)
+    env = make_vec_env(env_id, n_envs, seed=0, vectorization=vectorization)
     actions = [env.action_space.sample() for _ in range(steps)]
     t = time.perf_counter()
     for a in actions:
@@ -34,9 +38,16 @@ def bare_env(env_id: str, n_envs: int, steps: int) -> float:
     return dt
 
 
-def ours(env_id: str, n_envs: int, steps: int, repeats: int) -> float:
+def ours(env_id: str, n_envs: int, steps: int, repeats: int, vectorization: str = "sync") -> float:
     """Seconds per vector step of our collector (best of ``repeats``)."""
-    agent = TRPO("MlpPolicy", env_id, n_envs=n_envs, n_steps=steps, vf_minibatch=steps)
+    agent = TRPO(
+        "MlpPolicy",
+        env_id,
+        n_envs=n_envs,
+        n_steps=steps,
+        vf_minibatch=steps,
+        vectorization=vectorization,
+    )
     agent.collector.start(agent.env.reset(seed=0)[0])
     best = float("inf")
     for _ in range(repeats):
@@ -80,20 +91,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-envs", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=2048, help="vector steps per rollout")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--vectorization", nargs="+", default=["sync"], choices=["sync", "envpool"],
+        help="our vector-env backends to measure",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"{args.env}, ms per vector step (best of {args.repeats} rollouts of {args.steps})")
-    print("n_envs | env only | ours  (overhead) | sb3   (overhead) | ours/sb3 overhead")
-    for n in args.n_envs:
-        env_t = bare_env(args.env, n, args.steps)
-        our_t = ours(args.env, n, args.steps, args.repeats)
-        sb_t = sb3(args.env, n, args.steps, args.repeats)
-        row = f"{n:6d} | {env_t * 1e3:8.4f} | {our_t * 1e3:.4f} ({(our_t - env_t) * 1e3:.4f})"
-        if sb_t is not None:
-            ratio = (our_t - env_t) / max(sb_t - env_t, 1e-12)
-            row += f" | {sb_t * 1e3:.4f} ({(sb_t - env_t) * 1e3:.4f}) | {ratio:.2f}"
-        print(row, flush=True)
+    print("backend | n_envs | env only | ours  (overhead) | sb3   (overhead) | ours/sb3 overhead")
+    for vec in args.vectorization:
+        for n in args.n_envs:
+            _row(args, vec, n)
     return 0
+
+
+def _row(args: argparse.Namespace, vec: str, n: int) -> None:
+    env_t = bare_env(args.env, n, args.steps, vec)
+    our_t = ours(args.env, n, args.steps, args.repeats, vec)
+    sb_t = sb3(args.env, n, args.steps, args.repeats) if vec == "sync" else None
+    row = (
+        f"{vec:7s} | {n:6d} | {env_t * 1e3:8.4f} | {our_t * 1e3:.4f} ({(our_t - env_t) * 1e3:.4f})"
+    )
+    if sb_t is not None:
+        ratio = (our_t - env_t) / max(sb_t - env_t, 1e-12)
+        row += f" | {sb_t * 1e3:.4f} ({(sb_t - env_t) * 1e3:.4f}) | {ratio:.2f}"
+    print(row, flush=True)
 
 
 if __name__ == "__main__":
