@@ -6,7 +6,9 @@ Writes into the grid folder: ``summary.md`` (final deterministic return per task
 mean ± std, mean ± 95% Student-t CI, interquartile mean with a 95% stratified-bootstrap CI (the
 estimator of rliable, :func:`iqm_ci`); costs and diagnostics; the flavours on the same batches;
 the cells still to run), ``returns.md`` (the final-return table of docs/rl_results.md),
-``summary.csv``, ``summary_flavours.csv``, ``status.md`` (how many cells are done),
+``efficiency.md`` (env steps each variant takes to reach TRPO-exact's final training return,
+against TRPO-exact's own), ``summary.csv``, ``summary_flavours.csv``, ``status.md`` (how many
+cells are done),
 ``return_vs_steps.png`` and ``return_vs_cpu.png`` (training return, mean ± 95% CI over seeds).
 
 Then it refreshes every page next to the grid folder (``docs/*.md``) that quotes one of those
@@ -146,6 +148,44 @@ def thresholds(by: dict[tuple[str, str], list[dict]]) -> dict[str, float]:
         for (task, v), cells in by.items()
         if v == "trpo-exact"
     }
+
+
+def mean_curve(cells: list[dict[str, Any]]) -> list[tuple]:
+    """The seed-mean training curve of ``cells`` as ``(timesteps, None, return, None)`` rows
+    (``first_crossing``'s), over the updates all of them reached (the cells of one variant share
+    their env-step grid)."""
+    curves = [_curve(c) for c in cells]
+    n = min(len(c) for c in curves)
+    returns = np.array([[r for _, _, r, _ in c[:n]] for c in curves]).mean(0)
+    return [(row[0], None, float(y), None) for row, y in zip(curves[0][:n], returns, strict=True)]
+
+
+def efficiency_rows(by: dict[tuple[str, str], list[dict]]) -> list[dict[str, Any]]:
+    """Per task × variant other than TRPO-exact: the env steps at which the variant's seed-mean
+    training curve first reaches TRPO-exact's seed-mean final training return, against the
+    steps TRPO-exact's own seed-mean curve takes to reach it (ratio < 1: fewer samples)."""
+    thr = thresholds(by)
+    rows = []
+    for (task, v), cells in by.items():
+        if v == "trpo-exact" or task not in thr:
+            continue
+        curve = mean_curve(cells)
+        ours = first_crossing(curve, thr[task])
+        ref = first_crossing(mean_curve(by[(task, "trpo-exact")]), thr[task])
+        rows.append(
+            dict(
+                task=task,
+                variant=v,
+                seeds=len(cells),
+                reference_seeds=len(by[(task, "trpo-exact")]),
+                threshold=thr[task],
+                steps=ours,
+                reference_steps=ref,
+                ratio=ours / ref,
+                best_mean_return=max(y for _, _, y, _ in curve),
+            )
+        )
+    return rows
 
 
 def variant_rows(by: dict[tuple[str, str], list[dict]], reps: int) -> list[dict[str, Any]]:
@@ -309,7 +349,12 @@ def report(grid: Path, reps: int = 20_000) -> str:
         f"({grid.name}/summary.md), and by "
         "`compare_fisher.py run --plan full --list`).\n"
     )
-    generated = {"summary.md": text, "returns.md": returns_table(vrows), "status.md": status}
+    generated = {
+        "summary.md": text,
+        "returns.md": returns_table(vrows),
+        "efficiency.md": efficiency_table(efficiency_rows(by)),
+        "status.md": status,
+    }
     for name, content in generated.items():
         (grid / name).write_text(content)
     for page in sorted(grid.parent.glob("*.md")):
@@ -355,5 +400,25 @@ def returns_table(vrows: list[dict[str, Any]]) -> str:
             f"| {_fmt_ci(r['final_mean'], r['final_ci95'], r['seeds'])} "
             f"| {r['iqm']:.1f} [{r['iqm_lo']:.1f}, {r['iqm_hi']:.1f}] "
             f"| {f'{ref[0]} ± {ref[1]}' if ref else '—'} |"
+        )
+    return "\n".join(md) + "\n"
+
+
+def efficiency_table(erows: list[dict[str, Any]]) -> str:
+    """The sample-efficiency table: env steps to TRPO-exact's final training return."""
+    md = [
+        "| task | variant | seeds (TRPO-exact) | TRPO-exact's final training return "
+        "| env steps to reach it: variant | TRPO-exact | ratio | variant's best seed-mean "
+        "training return |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in erows:
+        reached = math.isfinite(r["steps"])
+        steps = f"{r['steps']:.0f}" if reached else "not reached"
+        ratio = f"{r['ratio']:.2f}" if reached else "—"
+        md.append(
+            f"| {r['task']} | {r['variant']} | {r['seeds']} ({r['reference_seeds']}) "
+            f"| {r['threshold']:.1f} | {steps} | {r['reference_steps']:.0f} | {ratio} "
+            f"| {r['best_mean_return']:.1f} |"
         )
     return "\n".join(md) + "\n"

@@ -181,3 +181,30 @@ def test_report_refreshes_the_pages_that_quote_it(tmp_path: Path) -> None:
     page.write_text("<!-- begin: g/nope.md -->\n<!-- end: g/nope.md -->\n")
     with pytest.raises(ValueError, match="g/nope.md"):
         gr.fill_page(page, "g", generated)
+
+
+def _synthetic_cell(returns: list[float], step: int = 10) -> dict:
+    rows = [
+        dict(record="update", timesteps=str(step * (i + 1)), cpu_s="0", ep_return_mean=str(r))
+        for i, r in enumerate(returns)
+    ]
+    return {"rows": rows}
+
+
+def test_efficiency_against_a_hand_computed_case() -> None:
+    by = {
+        ("T", "trpo-exact"): [_synthetic_cell([0, 1, 2, 4]), _synthetic_cell([0, 1, 3, 4])],
+        ("T", "fast"): [_synthetic_cell([0, 4, 5, 5]), _synthetic_cell([0, 2, 5, 6])],
+        ("T", "slow"): [_synthetic_cell([0, 1, 1, 3])],
+    }
+    # threshold: TRPO-exact's mean final return 4, which its mean curve (0, 1, 2.5, 4) reaches
+    # at step 40; "fast"'s mean curve (0, 3, 5, 5.5) reaches it at step 30; "slow" never does
+    fast, slow = gr.efficiency_rows(by)
+    assert (fast["variant"], fast["threshold"], fast["steps"], fast["reference_steps"]) == (
+        "fast", 4.0, 30.0, 40.0,
+    )  # fmt: skip
+    assert fast["ratio"] == 0.75 and fast["best_mean_return"] == 5.5
+    assert math.isnan(slow["steps"]) and slow["reference_steps"] == 40.0
+    table = gr.efficiency_table([fast, slow])
+    assert "| T | fast | 2 (2) | 4.0 | 30 | 40 | 0.75 | 5.5 |" in table
+    assert "| T | slow | 1 (2) | 4.0 | not reached | 40 | — | 3.0 |" in table
