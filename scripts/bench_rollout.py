@@ -6,9 +6,10 @@
 For each setting it times (a) the bare vector-env steps with pre-sampled actions (the floor),
 (b) our ``RolloutCollector.collect`` on the same backend and (c) sb3-contrib TRPO's
 ``collect_rollouts`` (if installed; its own ``DummyVecEnv``, so only next to ``sync``), all
-single-threaded, and reports ms per vector step and the overhead over (a). ``--vectorization``
-picks our backends: ``sync`` (Gymnasium's envs in-process) and/or ``envpool`` (EnvPool's C++
-executor).
+single-threaded, and reports process CPU ms per vector step (robust to other jobs on a shared
+machine; equal to wall time on a quiet one, every side being single-threaded) and the overhead
+over (a). ``--vectorization`` picks our backends: ``sync`` (Gymnasium's envs in-process)
+and/or ``envpool`` (EnvPool's C++ executor; its worker threads' CPU counts too).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ def bare_env(env_id: str, n_envs: int, steps: int, vectorization: str = "sync") 
     """Seconds per vector step of the env alone (actions sampled beforehand)."""
     env = make_vec_env(env_id, n_envs, seed=0, vectorization=vectorization)
     actions = [env.action_space.sample() for _ in range(steps)]
-    t = time.perf_counter()
+    t = time.process_time()
     for a in actions:
         env.step(a)
-    dt = (time.perf_counter() - t) / steps
+    dt = (time.process_time() - t) / steps
     env.close()
     return dt
 
@@ -51,9 +52,9 @@ def ours(env_id: str, n_envs: int, steps: int, repeats: int, vectorization: str 
     agent.collector.start(agent.env.reset(seed=0)[0])
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         agent.collector.collect()
-        best = min(best, (time.perf_counter() - t) / steps)
+        best = min(best, (time.process_time() - t) / steps)
     agent.close()
     return best
 
@@ -77,9 +78,9 @@ def sb3(env_id: str, n_envs: int, steps: int, repeats: int) -> float | None:
     callback.on_training_start(locals(), globals())
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
-        best = min(best, (time.perf_counter() - t) / steps)
+        best = min(best, (time.process_time() - t) / steps)
     model.env.close()
     return best
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"{args.env}, ms per vector step (best of {args.repeats} rollouts of {args.steps})")
+    print(f"{args.env}, CPU ms per vector step (best of {args.repeats} rollouts of {args.steps})")
     print("backend | n_envs | env only | ours  (overhead) | sb3   (overhead) | ours/sb3 overhead")
     for vec in args.vectorization:
         for n in args.n_envs:
