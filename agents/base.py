@@ -126,7 +126,7 @@ class OnPolicyNaturalAlgorithm:
         vf_lr, vf_epochs, vf_minibatch: Adam fit of the critic on the λ-returns.
         normalize_advantage, normalize_obs, normalize_reward, clip_obs: data normalization.
         net_arch, vf_arch, activation, ortho_init, log_std_init: the MLP policy.
-        vectorization: ``"sync"``, ``"async"`` or ``"envpool"`` vector env (:func:`envs.make_vec_env`);
+        vectorization: ``"sync"``, ``"async"`` or ``"envpool"`` (:func:`envs.make_vec_env`);
             env_kwargs: passed to ``gym.make`` (EnvPool: its task options).
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` transitions with NaN/inf.
         stats_window: episodes in the running mean return.

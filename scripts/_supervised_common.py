@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -14,17 +16,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "docs" / "supervised"
+#: where the outputs go by default: outside the repository, so that trying a script does not
+#: overwrite the committed results (regenerate those with ``--out docs/supervised``)
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "npg" / "supervised"
+OUT_DIR = DEFAULT_OUT
 
 
-def setup() -> None:
-    """One thread (shared machine), output folder present."""
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the script's docstring as help and the common ``--out``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for the CSVs and figures (default: {DEFAULT_OUT}; the committed results: "
+        "docs/supervised)",
+    )
+    return p
+
+
+def setup(out: Path = DEFAULT_OUT) -> None:
+    """One thread (shared machine); outputs go to ``out`` (created)."""
+    global OUT_DIR
     torch.set_num_threads(1)
+    OUT_DIR = Path(out)
     os.makedirs(OUT_DIR, exist_ok=True)
 
 
 def write_csv(name: str, rows: Sequence[dict]) -> Path:
-    """Write ``rows`` (dicts with the same keys, in order of the first) to ``docs/supervised``."""
+    """Write ``rows`` (dicts with the same keys, in order of the first) to the output folder."""
     path = OUT_DIR / name
     keys: list[str] = []
     for r in rows:
@@ -50,7 +70,7 @@ def plot_curves(
     logy: bool = False,
     logx: bool = False,
 ) -> Path:
-    """One figure of labelled ``(x, y)`` curves saved as ``docs/supervised/<name>``."""
+    """One figure of labelled ``(x, y)`` curves saved as ``<output folder>/<name>``."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label, lw=1.4)

@@ -8,16 +8,16 @@ nothing else: no options, no checks, no diagnostics, two products and one dot pr
 therefore close to the floor of an eager-mode K-FAC step on this machine, and it tells how much
 of NGD's cost is its generality and how much is K-FAC's own work.
 
-    .venv/bin/python scripts/bench_kfac_step.py  # ~15 s, writes docs/supervised/mlp_bare_kfac.csv
+    .venv/bin/python scripts/bench_kfac_step.py --out docs/supervised  # ~15 s: mlp_bare_kfac.csv
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 
 import torch
+from _supervised_common import parser as common_parser
 from _supervised_common import print_table, setup, write_csv
 from supervised_mlp import BATCH, load, time_per_step
 from torch import Tensor, nn
@@ -128,12 +128,12 @@ def headline_ngd(model: nn.Module, loss_fn: nn.Module, interval: int = INTERVAL)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = common_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=BATCH)
     args = parser.parse_args()
-    setup()
+    setup(args.out)
     data = load()
     never = 10**9  # refresh interval that means "after step 0, never"
     configs = {

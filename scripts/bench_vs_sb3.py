@@ -37,6 +37,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -483,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[100_000, 200_000])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--out", default="docs/bench", help="folder for bench_runs.csv / summary")
+    p.add_argument(
+        "--out",
+        default=str(Path(tempfile.gettempdir()) / "npg" / "bench"),
+        help="folder for bench_runs.csv / summary (default: outside the repository; the "
+        "committed results: docs/bench)",
+    )
     p.add_argument("--tag", default="", help="suffix of the CSV names")
     p.add_argument("--check-kl", action="store_true", help="only compare Fv with sb3's Hv")
     p.add_argument("--breakdown", action="store_true", help="only the CPU-time split per phase")

@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ REF_ITERS, REF_TOL = 100, 1e-10
 #: diagnosed updates: every DIAG_EVERY-th (measured overhead: docs/fisher_comparison.md)
 DIAG_EVERY = 60
 ALGOS: dict[str, type[OnPolicyNaturalAlgorithm]] = {"trpo": TRPO, "npg": NPG, "kfac-nac": KFACNAC}
+#: ``run``'s default folder: outside the repository, so a trial grid never mixes with docs/rl_grid
+SCRATCH_GRID = Path(tempfile.gettempdir()) / "npg" / "rl_grid"
 
 
 @dataclass(frozen=True)
@@ -481,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the cells of a grid not finished yet (resumable)")
-    r.add_argument("--grid", "--out", dest="grid", default="docs/rl_grid",
-                   help="grid folder: cells/<key>.json + .csv per finished cell")  # fmt: skip
+    r.add_argument("--grid", "--out", dest="grid", default=str(SCRATCH_GRID),
+                   help="grid folder: cells/<key>.json + .csv per finished cell (default: "
+                   f"{SCRATCH_GRID}; the committed grid: docs/rl_grid)")  # fmt: skip
     r.add_argument("--plan", choices=("full", "custom"), default="custom",
                    help="full: the full-budget grid of full_budget_grid() in priority order; "
                    "custom: --tasks × --variants × --seeds")  # fmt: skip

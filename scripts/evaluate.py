@@ -2,7 +2,7 @@
 
 python scripts/evaluate.py runs/trpo_CartPole-v1_s0 --episodes 20
 python scripts/evaluate.py runs/trpo_CartPole-v1_s0/checkpoints/ckpt_00000050.pt
-python scripts/evaluate.py RUN_DIR --video videos/   # needs moviepy
+python scripts/evaluate.py RUN_DIR --video videos/   # needs the 'video' extra (moviepy)
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def evaluate(
         try:
             import moviepy  # noqa: F401
         except ImportError:
-            raise SystemExit("--video needs moviepy (pip install moviepy)") from None
+            raise SystemExit(
+                "--video needs moviepy: pip install -e '.[video]' (or pip install moviepy)"
+            ) from None
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda i: True)
     try:
         return evaluate_policy(agent, episodes, seed, deterministic, env)

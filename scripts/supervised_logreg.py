@@ -2,9 +2,10 @@
 
 10 inputs, one sigmoid output, BCE, 100 non-separable synthetic samples (fixed seed), float64.
 For a GLM with its canonical link the Fisher equals the Hessian of the loss, so full-batch exact
-NGD with step 1 is Newton's method. Writes docs/supervised/logreg_*.{csv,png}.
+NGD with step 1 is Newton's method. Writes logreg_*.{csv,png} into --out (the committed ones:
+``--out docs/supervised``).
 
-    .venv/bin/python scripts/supervised_logreg.py
+    .venv/bin/python scripts/supervised_logreg.py --out docs/supervised
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from _supervised_common import (
     keep_step,
     make_closure,
+    parser,
     plot_curves,
     print_table,
     setup,
@@ -185,8 +187,8 @@ def run_minibatch(name: str, make_opt, x, y, loss_fn, l_star: float) -> list[dic
     return rows
 
 
-def main() -> None:
-    setup()
+def main(argv: list[str] | None = None) -> None:
+    setup(parser(__doc__).parse_args(argv).out)
     torch.set_default_dtype(torch.float64)
     x, y = make_data()
     loss_fn = nn.BCEWithLogitsLoss()

@@ -5,9 +5,10 @@ For ``L = (1/(N·K)) Σ_ik (y_ik - f_k(x_i))²`` the generalized Gauss-Newton ma
 so ``GGN = (2σ²/K) · F_σ``; NGD's inferred family has ``σ² = K/2`` and constant 1. The GGN is
 built here independently: the autograd Hessian of the loss for a linear model (where the GGN is
 the Hessian) and ``J ᵀJ`` from explicit Jacobians for an MLP. Then Gauss-Newton (NGD with the
-exact Fisher) is compared with gradient descent. Writes docs/supervised/lstsq_*.{csv,png}.
+exact Fisher) is compared with gradient descent. Writes lstsq_*.{csv,png} into --out (the
+committed ones: ``--out docs/supervised``).
 
-    .venv/bin/python scripts/supervised_lstsq.py
+    .venv/bin/python scripts/supervised_lstsq.py --out docs/supervised
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from _supervised_common import (
     keep_step,
     make_closure,
+    parser,
     plot_curves,
     print_table,
     setup,
@@ -138,8 +140,8 @@ def first_below(losses, target):
     return next((k for k, v in enumerate(losses) if v <= target), None)
 
 
-def main() -> None:
-    setup()
+def main(argv: list[str] | None = None) -> None:
+    setup(parser(__doc__).parse_args(argv).out)
     torch.set_default_dtype(torch.float64)
     checks = curvature_checks()
     print("GGN of the MSE loss vs the exact Fisher operator (dense), max abs differences:")

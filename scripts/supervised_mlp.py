@@ -1,8 +1,10 @@
 """MLP classifier on sklearn's digits: SGD, Adam, exact NGD (CG), diagonal, empirical and K-FAC.
 
 Standardised 8x8 digits (load_digits, no download), fixed stratified 75/25 split, a
-64-128-10 ReLU MLP, batches of 64, float32. Writes docs/supervised/mlp_*.{csv,png}.
+64-128-10 ReLU MLP, batches of 64, float32. Writes mlp_*.{csv,png} into --out (the committed
+ones: ``--out docs/supervised``).
 
+    (add --out docs/supervised to rewrite the committed results)
     .venv/bin/python scripts/supervised_mlp.py            # about 1 minute on one quiet core
     .venv/bin/python scripts/supervised_mlp.py --timing-only  # per-step timing and breakdown
     .venv/bin/python scripts/supervised_mlp.py --seeds 0 1 2  # Adam vs K-FAC over init seeds
@@ -10,12 +12,12 @@ Standardised 8x8 digits (load_digits, no download), fixed stratified 75/25 split
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 from _supervised_common import make_closure, plot_curves, print_table, setup, write_csv
+from _supervised_common import parser as common_parser
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
@@ -384,7 +386,7 @@ def step_breakdown(sgd_cfg, kfac_cfgs: dict, data, steps: int = 2000) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = common_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument(
         "--timing-only", action="store_true", help="only the per-step timing and its breakdown"
@@ -396,7 +398,7 @@ def main() -> None:
         help="only the seed study: Adam's grid and the K-FAC configs for these init seeds",
     )
     args = parser.parse_args()
-    setup()
+    setup(args.out)
     data = load()
     epochs = args.epochs
 

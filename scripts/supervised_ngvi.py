@@ -4,9 +4,10 @@ Synthetic data (n=60, 4 weights incl. intercept, fixed seed), prior N(0, I), ful
 Gaussian q. Both optimisers use the same 32-point Gauss-Hermite ELBO and its autograd gradients
 (npg/vi.py); gradient ascent runs on (m, L), S = LLᵀ, with its best fixed step from a grid. The
 reference posterior mean comes from HMC (8 chains x 25k draws, fixed seed); the Laplace
-approximation is shown too. Writes docs/supervised/ngvi_*.{csv,png}.
+approximation is shown too. Writes ngvi_*.{csv,png} into --out (the committed ones:
+``--out docs/supervised``).
 
-    .venv/bin/python scripts/supervised_ngvi.py
+    .venv/bin/python scripts/supervised_ngvi.py --out docs/supervised
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import time
 
 import torch
-from _supervised_common import keep_step, plot_curves, print_table, setup, write_csv
+from _supervised_common import keep_step, parser, plot_curves, print_table, setup, write_csv
 
 from npg.vi import elbo, elbo_gradients, gradient_ascent_vi, hmc, laplace, ngvi
 
@@ -38,8 +39,8 @@ def first(seq, pred):
     return next((k for k, v in enumerate(seq) if pred(v)), None)
 
 
-def main() -> None:
-    setup()
+def main(argv: list[str] | None = None) -> None:
+    setup(parser(__doc__).parse_args(argv).out)
     torch.set_default_dtype(torch.float64)
     x, y = make_data()
 
