@@ -191,7 +191,7 @@ class BackgroundFit:
             t0 = time.perf_counter()
             losses = fit_critic(*self._args)  # type: ignore[arg-type]
             self._out = (losses, time.perf_counter() - t0)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
+        except BaseException as e:
             self._error = e
 
     def wait(self) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor, nn
 
 #: where the outputs go by default: outside the repository, so that trying a script does not
 #: overwrite the committed results (regenerate those with ``--out docs/supervised``)

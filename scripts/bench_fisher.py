@@ -50,16 +50,13 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Categorical as TorchCategorical
+from torch.distributions import Normal, kl_divergence
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from torch.distributions import Categorical as TorchCategorical  # noqa: E402
-from torch.distributions import Normal, kl_divergence  # noqa: E402
-
-from npg.cg import conjugate_gradient  # noqa: E402
-from npg.families import Categorical, DiagGaussian, Family  # noqa: E402
-from npg.fisher import ExactFisher, KFACFisher  # noqa: E402
-from npg.model import LinearStack  # noqa: E402
+from npg.cg import conjugate_gradient
+from npg.families import Categorical, DiagGaussian, Family
+from npg.fisher import ExactFisher, KFACFisher
+from npg.model import LinearStack
 
 DAMPING = 0.1
 CG_ITERS = 10

@@ -17,14 +17,14 @@ import math
 import statistics
 
 import torch
-from _supervised_common import parser as common_parser
-from _supervised_common import print_table, setup, write_csv
-from supervised_mlp import BATCH, load, time_per_step
 from torch import Tensor, nn
 
 from npg.fisher._per_sample import _categorical_draws
 from npg.fisher.kfac import _spd_inverse
 from npg.optim import NGD
+from scripts._supervised_common import parser as common_parser
+from scripts._supervised_common import print_table, setup, write_csv
+from scripts.supervised_mlp import BATCH, load, time_per_step
 
 LAMBDA, MAX_KL, INTERVAL, DECAY = 3e-3, 1e-2, 20, 0.95  # the headline K-FAC's settings
 

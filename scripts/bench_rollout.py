@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents import TRPO  # noqa: E402
-from envs import make_vec_env  # noqa: E402
+from agents import TRPO
+from envs import make_vec_env
 
 
 def bare_env(env_id: str, n_envs: int, steps: int, vectorization: str = "sync") -> float:

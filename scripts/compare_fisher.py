@@ -39,18 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from torch import Tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from agents import NPG, TRPO  # noqa: E402
-from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params  # noqa: E402
-from agents.evaluation import evaluate_policy  # noqa: E402
-from agents.kfac_nac import KFACNAC  # noqa: E402
-from agents.presets import get_preset  # noqa: E402
-from npg import make_fisher  # noqa: E402
+from agents import NPG, TRPO
+from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
+from agents.evaluation import evaluate_policy
+from agents.kfac_nac import KFACNAC
+from agents.presets import get_preset
+from npg import make_fisher
 
 TASKS = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5")
 #: variant name -> (algorithm, constructor overrides)
@@ -382,7 +380,7 @@ def _worker(args: tuple[Cell, str, int, int, str]) -> tuple[str, float, str | No
     t0 = time.perf_counter()
     try:
         return run_cell(*args), time.perf_counter() - t0, None
-    except Exception as e:  # noqa: BLE001 — report and keep the grid going
+    except Exception as e:
         return args[0].key, time.perf_counter() - t0, f"{type(e).__name__}: {e}"
 
 
@@ -511,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples")
     a = p.parse_args(argv)
     if a.command == "report":
-        import grid_report
+        from scripts import grid_report
 
         print(grid_report.report(Path(a.grid), reps=a.reps))
         return 0

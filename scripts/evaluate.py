@@ -16,16 +16,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents import (  # noqa: E402
+from agents import (
     CheckpointError,
     CheckpointManager,
     OnPolicyNaturalAlgorithm,
     load_checkpoint,
 )
-from agents.evaluation import evaluate_policy  # noqa: E402
-from envs import make_env  # noqa: E402
+from agents.evaluation import evaluate_policy
+from envs import make_env
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], Path]:

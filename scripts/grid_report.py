@@ -22,19 +22,18 @@ import csv
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from plot_fisher import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.stats import trim_mean
+
+from scripts.plot_fisher import (
     FLAVOUR_ORDER,
     T95,
     ci95,
@@ -43,7 +42,6 @@ from plot_fisher import (  # noqa: E402
     ordered,
     write_csv,
 )
-from scipy.stats import trim_mean  # noqa: E402
 
 #: sb3-contrib TRPO, documented (rl-baselines3-zoo benchmark: 1M steps, 3 seeds, v3 envs)
 SB3_DOCUMENTED = {"Hopper": (3372, 215), "HalfCheetah": (1803, 46), "Walker2d": (4502, 234)}
@@ -273,7 +271,7 @@ def flavour_rows(by: dict[tuple[str, str], list[dict]]) -> list[dict[str, Any]]:
 
 def report(grid: Path, reps: int = 20_000) -> str:
     """Write the summary tables and figures of ``grid``; returns the markdown."""
-    import compare_fisher as cf
+    from scripts import compare_fisher as cf
 
     cells = load_grid(grid)
     by: dict[tuple[str, str], list[dict]] = defaultdict(list)

@@ -27,21 +27,18 @@ import copy
 import csv
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from compare_fisher import write_rows  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from agents.base import flat_params  # noqa: E402
-from agents.kfac_nac import KFACNAC  # noqa: E402
-from agents.presets import get_preset  # noqa: E402
-from npg import make_fisher  # noqa: E402
+from agents.base import flat_params
+from agents.kfac_nac import KFACNAC
+from agents.presets import get_preset
+from npg import make_fisher
+from scripts.compare_fisher import write_rows
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "kfac-model": dict(kl_clip="kfac-model-damped", kl_enforce=False),

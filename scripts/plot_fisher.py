@@ -23,8 +23,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 TASK_ORDER = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5")
@@ -418,14 +418,14 @@ def kfac_nac_table(rows: list[dict[str, str]], tasks: list[str]) -> list[str]:
 
 def cell_lr(task: str, variant: str) -> float:
     """The policy learning rate of a K-FAC NAC cell."""
-    from compare_fisher import Cell, cell_config
+    from scripts.compare_fisher import Cell, cell_config
 
     return float(cell_config(Cell(task, variant, 0, 0))[1].get("lr", 0.25))
 
 
 def damping_of(task: str, variant: str) -> float:
     """The damping λ of a cell's natural step (its Fisher diagnostics use the same)."""
-    from compare_fisher import Cell, cell_config
+    from scripts.compare_fisher import Cell, cell_config
 
     cls, params = cell_config(Cell(task, variant, 0, 0))
     return float(
@@ -460,13 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", default=None,
                    help="the study's tidy table (default: OUT/fisher_study.csv)")  # fmt: skip
     a = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     out = Path(a.out)
     rows = load(Path(a.csv) if a.csv else out / "fisher_study.csv")
     cur = curves(rows)
     tasks = ordered({t for t, _ in cur}, TASK_ORDER)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare_fisher import VARIANTS
+    from scripts.compare_fisher import VARIANTS
 
     variants = ordered({v for _, v in cur}, VARIANTS)
     plot_returns(cur, tasks, variants, out)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TRAIN = ROOT / "scripts" / "train.py"
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 
@@ -110,7 +109,7 @@ def check_run(run_dir: Path, total: int) -> dict[str, Any]:
         from agents import TRPO
 
         TRPO.load(run_dir / "model.pt").close()
-    except Exception as e:  # noqa: BLE001 - reported, not raised
+    except Exception as e:
         problems.append(f"model.pt does not load: {type(e).__name__}: {e}")
     return {"ok": not problems, "problems": problems, "updates": k, "final_steps": steps[-1:]}
 

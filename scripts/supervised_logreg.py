@@ -15,7 +15,10 @@ import time
 import numpy as np
 import scipy.optimize
 import torch
-from _supervised_common import (
+from torch import nn
+
+from npg.optim import NGD
+from scripts._supervised_common import (
     keep_step,
     make_closure,
     parser,
@@ -24,9 +27,6 @@ from _supervised_common import (
     setup,
     write_csv,
 )
-from torch import nn
-
-from npg.optim import NGD
 
 N, D, BATCH, EPOCHS = 100, 10, 32, 40
 MB_DAMPING = 1e-2

@@ -17,7 +17,13 @@ import math
 import time
 
 import torch
-from _supervised_common import (
+from torch import nn
+from torch.func import functional_call
+
+from npg.families import GaussianRegression
+from npg.fisher import ExactFisher
+from npg.optim import NGD
+from scripts._supervised_common import (
     keep_step,
     make_closure,
     parser,
@@ -26,12 +32,6 @@ from _supervised_common import (
     setup,
     write_csv,
 )
-from torch import nn
-from torch.func import functional_call
-
-from npg.families import GaussianRegression
-from npg.fisher import ExactFisher
-from npg.optim import NGD
 
 N, D_IN, K = 60, 5, 3
 

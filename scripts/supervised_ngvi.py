@@ -16,9 +16,9 @@ import math
 import time
 
 import torch
-from _supervised_common import keep_step, parser, plot_curves, print_table, setup, write_csv
 
 from npg.vi import elbo, elbo_gradients, gradient_ascent_vi, hmc, laplace, ngvi
+from scripts._supervised_common import keep_step, parser, plot_curves, print_table, setup, write_csv
 
 N, ALPHA = 60, 1.0
 TOL_REL = 0.005  # ‖m - m_HMC‖ / ‖m_HMC‖ counted as "converged to the reference"

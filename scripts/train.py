@@ -26,18 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents import ALGORITHMS, CheckpointManager, TrainingInterrupted  # noqa: E402
-from agents.checkpoint import (  # noqa: E402
+from agents import ALGORITHMS, CheckpointManager, TrainingInterrupted
+from agents.checkpoint import (
     CheckpointError,
     RunDirInUse,
     RunDirLock,
     replace_durably,
 )
-from agents.guard import DivergenceError  # noqa: E402
-from agents.presets import get_preset  # noqa: E402
-from agents.rollout import NonFiniteError  # noqa: E402
+from agents.guard import DivergenceError
+from agents.presets import get_preset
+from agents.rollout import NonFiniteError
 
 # options of the agents that the CLI does not expose as flags
 _HIDDEN = {"verbose", "env_kwargs", "fisher_kwargs", "device", "num_threads", "seed", "n_envs"}
@@ -168,7 +166,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception as e:  # noqa: BLE001 - optional dependency
+            except Exception as e:
                 warnings.warn(f"--tensorboard ignored: {e}", stacklevel=2)
         self.wandb = None
         if args.wandb:
@@ -186,7 +184,7 @@ class MetricsLogger:
                     id=run_dir.name,
                     settings=wandb.Settings(init_timeout=10),
                 )
-            except Exception as e:  # noqa: BLE001 - optional and never blocking
+            except Exception as e:
                 warnings.warn(f"--wandb ignored: {e}", stacklevel=2)
 
     def __call__(self, m: dict[str, Any]) -> bool:
@@ -217,7 +215,7 @@ class MetricsLogger:
         if self.wandb is not None:
             try:
                 self.wandb.log(scalars, step=int(m["timesteps"]))
-            except Exception:  # noqa: BLE001 - never let logging stop training
+            except Exception:
                 self.wandb = None
         return True
 

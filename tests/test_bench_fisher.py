@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_fisher as bf  # noqa: E402
-
-from npg.fisher import ExactFisher  # noqa: E402
+from npg.fisher import ExactFisher
+from scripts import bench_fisher as bf
 
 
 def test_matmul_work_counts_mm_and_addmm() -> None:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_kfac_step as bench  # noqa: E402
-from _supervised_common import make_closure  # noqa: E402
+from scripts import bench_kfac_step as bench
+from scripts._supervised_common import make_closure
 
 
 def _train(make_opt, interval: int, steps: int) -> torch.Tensor:

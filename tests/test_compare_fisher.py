@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import compare_fisher as cf  # noqa: E402
-
-from npg.families import Categorical, GaussianRegression  # noqa: E402
+from npg.families import Categorical, GaussianRegression
+from scripts import compare_fisher as cf
 
 
 def test_cosine_hand_values() -> None:

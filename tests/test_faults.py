@@ -25,9 +25,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train as train_cli  # noqa: E402
 
 import envs as envs_mod  # noqa: E402
 from agents import (  # noqa: E402
@@ -38,6 +35,7 @@ from agents import (  # noqa: E402
 )
 from agents.base import TIMING_KEYS  # noqa: E402
 from agents.rollout import NonFiniteError  # noqa: E402
+from scripts import train as train_cli  # noqa: E402
 
 SMALL = dict(n_envs=2, n_steps=64, vf_minibatch=64, vf_epochs=2, seed=0)
 FAST = ["--n-steps", "64", "--n-envs", "2", "--vf-minibatch", "64", "--vf-epochs", "2"]
@@ -64,10 +62,9 @@ def _all_finite(agent: TRPO) -> bool:
 _CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path[:0] = [{root!r}, {scripts!r}]
     import agents.base as base
     import agents.rollout as rollout
-    import train
+    from scripts import train
     phase, sig, at = {phase!r}, signal.{sig}, {at}
     calls = {{"collect": 0, "update": 0}}
     if phase == "rollout":
@@ -117,7 +114,7 @@ def test_signal_in_train_cli_saves_flushes_and_resumes_bit_identically(
 ) -> None:
     at = 6
     run = tmp_path / "run"
-    code = _CHILD.format(root=str(ROOT), scripts=str(ROOT / "scripts"), phase=phase, sig=sig, at=at)
+    code = _CHILD.format(phase=phase, sig=sig, at=at)
     proc = subprocess.run(
         [sys.executable, "-c", code, *SIG_RUN, "--run-dir", str(run), "--no-progress"],
         cwd=ROOT,

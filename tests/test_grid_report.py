@@ -8,17 +8,14 @@ import itertools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import compare_fisher as cf  # noqa: E402
-import grid_report as gr  # noqa: E402
-import plot_fisher as pf  # noqa: E402
+from scripts import compare_fisher as cf
+from scripts import grid_report as gr
+from scripts import plot_fisher as pf
 
 
 def test_iqm_hand_computed() -> None:

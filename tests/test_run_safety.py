@@ -26,10 +26,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import evaluate as evaluate_cli  # noqa: E402
-import train as train_cli  # noqa: E402
 
 import envs as envs_mod  # noqa: E402
 from agents import NPG, TRPO, CheckpointError, CheckpointManager, load_checkpoint  # noqa: E402
@@ -44,6 +40,8 @@ from agents.guard import (  # noqa: E402
 from npg import natural_step  # noqa: E402
 from npg.fisher import DiagonalFisher, EmpiricalFisher, ExactFisher, KFACFisher, MCFisher  # noqa: E402
 from npg.optim import NGD  # noqa: E402
+from scripts import evaluate as evaluate_cli  # noqa: E402
+from scripts import train as train_cli  # noqa: E402
 
 SMALL = dict(n_envs=2, n_steps=64, vf_minibatch=64, vf_epochs=2, seed=0)
 FAST = ["--n-steps", "64", "--n-envs", "2", "--vf-minibatch", "64", "--vf-epochs", "2"]
@@ -236,9 +234,8 @@ def test_resume_refuses_changed_flags_in_one_line_and_writes_nothing(
 _KILL_BEFORE_FIRST_UPDATE = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path[:0] = [{root!r}, {scripts!r}]
     import agents.base as base
-    import train
+    from scripts import train
     def learn(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     base.OnPolicyNaturalAlgorithm.learn = learn
@@ -251,7 +248,7 @@ def test_run_killed_before_its_first_update_resumes_from_update_0(tmp_path: Path
     ref = tmp_path / "ref"
     assert _train(ref, "--total-steps", "384") == 0
     run = tmp_path / "run"
-    code = _KILL_BEFORE_FIRST_UPDATE.format(root=str(ROOT), scripts=str(ROOT / "scripts"))
+    code = _KILL_BEFORE_FIRST_UPDATE
     proc = subprocess.run(
         [sys.executable, "-c", code, *FAST, "--total-steps", "384", "--run-dir", str(run)],
         cwd=ROOT,

@@ -11,19 +11,19 @@ from gymnasium import spaces
 from torch import nn
 
 pytest.importorskip("stable_baselines3")
-from conftest import DictObsEnv  # noqa: E402
-from stable_baselines3.common.callbacks import (  # noqa: E402
+from conftest import DictObsEnv
+from stable_baselines3.common.callbacks import (
     BaseCallback,
     CheckpointCallback,
     EvalCallback,
 )
-from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
-from stable_baselines3.common.logger import configure  # noqa: E402
-from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import DummyVecEnv
 
-import agents.kfac_nac  # noqa: E402
-from agents import KFACNAC, TRPO  # noqa: E402
-from tests.test_agents import SMALL, _same_metrics  # noqa: E402
+import agents.kfac_nac
+from agents import KFACNAC, TRPO
+from tests.test_agents import SMALL, _same_metrics
 
 
 def test_kfacnac_is_exported() -> None:

@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import evaluate as evaluate_cli  # noqa: E402
-import train as train_cli  # noqa: E402
 
 from agents.base import TIMING_KEYS  # noqa: E402
+from scripts import evaluate as evaluate_cli  # noqa: E402
+from scripts import train as train_cli  # noqa: E402
 
 FAST = ["--n-steps", "64", "--n-envs", "2", "--vf-minibatch", "64", "--vf-epochs", "2"]
 
@@ -129,7 +127,7 @@ def test_registered_algorithm_and_optional_loggers(tmp_path: Path) -> None:
 
 
 def test_plot_mean_and_ci_over_seeds(tmp_path: Path) -> None:
-    import plot as plot_cli
+    from scripts import plot as plot_cli
 
     runs = []
     for seed in (0, 1):
