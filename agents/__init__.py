@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from agents.base import (
-    NonFiniteParametersError,
-    OnPolicyNaturalAlgorithm,
-    TrainingInterrupted,
-)
+from agents.base import NonFiniteParametersError, OnPolicyNaturalAlgorithm
 from agents.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from agents.npg_agent import NPG
 from agents.rollout import EnvStepError, NonFiniteError
+from agents.signals import TrainingInterrupted
 from agents.trpo import TRPO
 
 #: Algorithms by CLI name; other agents register here with :func:`register_algorithm`.

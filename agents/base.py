@@ -8,13 +8,8 @@ advantages (:mod:`agents.gae`), take a natural-gradient policy step (the subclas
 from __future__ import annotations
 
 import copy
-import math
-import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
-from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+from gymnasium.vector import SyncVectorEnv, VectorEnv
 from torch import Tensor
 
 import envs as envs_mod
-from agents.checkpoint import FORMAT, CheckpointManager, load_checkpoint, save_atomic
+from agents.checkpoint import (
+    FORMAT,
+    CheckpointManager,
+    load_checkpoint,
+    save_atomic,
+    tensors_to,
+)
+from agents.config import AgentConfig, resolve_device
 from agents.critic import BackgroundFit, fit_critic, scripted_activation
 from agents.gae import compute_gae
 from agents.guard import DivergenceError, divergence_cause, returns_too_large
 from agents.normalize import ObsNormalizer, RewardScaler
-from agents.policies import ACTIVATIONS, ActorCriticPolicy
-from agents.rollout import NONFINITE_MODES, NonFiniteError, RolloutBatch, RolloutCollector
+from agents.policies import ActorCriticPolicy
+from agents.rng_state import capture_rng, restore_rng
+from agents.rollout import NonFiniteError, RolloutBatch, RolloutCollector
 from agents.sb3_compat import (
     SB3Callback,
     as_vector_env,
@@ -44,11 +47,11 @@ from agents.sb3_compat import (
     record_metrics,
     tensorboard_logger,
 )
-from npg import FISHER_NAMES, make_fisher, natural_step
+from agents.signals import TrainingInterrupted, deferred_signals
+from npg import make_fisher, natural_step
 from npg.fisher.base import FisherOperator
+from npg.optim import NGD
 
-PRECONDITIONERS = ("none", "diagonal", "kfac")
-DIRECT_FISHERS = ("diagonal", "kfac", "ekfac")
 Callback = Callable[[dict[str, Any]], bool | None]
 # metrics that depend on the wall clock (everything else is reproducible from the seed)
 TIMING_KEYS = (
@@ -57,19 +60,11 @@ TIMING_KEYS = (
     "time_rollout",
     "time_fisher_cg",
     "time_line_search",
+    "time_step",
+    "time_kl_enforce",
     "time_critic",
     "time_total",
 )
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path | None, num_timesteps: int) -> None:
-        name = signal.Signals(signum).name
-        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint directory"
-        super().__init__(f"training interrupted by {name} at {num_timesteps} env steps; {where}")
-        self.signum, self.checkpoint, self.num_timesteps = signum, checkpoint, num_timesteps
 
 
 class NonFiniteParametersError(DivergenceError):
@@ -96,18 +91,29 @@ def _mean_loss(losses: Tensor) -> float:
     return float(losses.double().mean()) if losses.numel() else float("nan")
 
 
+def normalized_advantages(advantages: Tensor) -> Tensor:
+    """Advantages shifted to mean 0 and scaled to std 1; all-equal advantages give exact zeros.
+
+    ``A - A.mean()`` is not exactly zero for equal entries (the mean's reduction rounds), and
+    dividing that noise by a tiny std would turn "no signal" into a full-size random step.
+    """
+    if bool(advantages.max() == advantages.min()):
+        return torch.zeros_like(advantages)
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 def explained_variance(pred: Tensor, target: Tensor) -> float:
     """``1 - Var[target - pred] / Var[target]`` (NaN when the target is constant)."""
     var = float(target.var())
     return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
 
 
-def _bad(option: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"{option}={value!r} is invalid; accepted: {accepted}")
-
-
 class OnPolicyNaturalAlgorithm:
     """Base class: rollouts, GAE, critic fitting, checkpoints; subclasses do the policy step.
+
+    The keyword options build the algorithm's :attr:`config_class` (:mod:`agents.config`),
+    validated there before any env starts; ``agent.cfg`` holds it and ``agent.<option>``
+    reads it.
 
     Args:
         policy: only ``"MlpPolicy"``.
@@ -126,122 +132,89 @@ class OnPolicyNaturalAlgorithm:
         vf_lr, vf_epochs, vf_minibatch: Adam fit of the critic on the λ-returns.
         normalize_advantage, normalize_obs, normalize_reward, clip_obs: data normalization.
         net_arch, vf_arch, activation, ortho_init, log_std_init: the MLP policy.
-        vectorization: ``"sync"``, ``"async"`` or ``"envpool"`` (:func:`envs.make_vec_env`);
-            env_kwargs: passed to ``gym.make`` (EnvPool: its task options).
+        vectorization: ``"sync"``, ``"async"`` or ``"envpool"`` vector env
+            (:func:`envs.make_vec_env`).
+        env_kwargs: passed to ``gym.make`` (EnvPool: its task options).
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` transitions with NaN/inf.
         stats_window: episodes in the running mean return.
         policy_kwargs: SB3's ``net_arch`` (list, or ``dict(pi=, vf=)``), ``activation_fn``,
             ``ortho_init``, ``log_std_init``; they override the options of the same meaning.
         tensorboard_log: a folder: :meth:`learn` logs to ``<folder>/<tb_log_name>_<i>`` through
             an SB3 ``Logger`` (needs the ``sb3`` and ``logging`` extras).
-        seed, device, num_threads, verbose: as usual (``num_threads`` sets torch's intra-op
+        device: where the update runs (``"cpu"``, ``"cuda"``, ``"cuda:<i>"``): the policy,
+            critic, Fisher products and CG live there; rollouts act with a CPU copy of the
+            policy, synchronized after every update, and checkpoints hold CPU tensors.
+        seed, num_threads, verbose: as usual (``num_threads`` sets torch's intra-op
             threads; ``None`` leaves it alone).
     """
 
     algo_name = "base"
+    #: the typed configuration of this algorithm (built from the constructor's keywords)
+    config_class: type[AgentConfig] = AgentConfig
 
     def __init__(
         self,
         policy: str = "MlpPolicy",
         env: str | VectorEnv | Any = "CartPole-v1",
         *,
-        n_envs: int = 1,
-        n_steps: int = 2048,
-        gamma: float = 0.99,
-        gae_lambda: float = 0.95,
-        max_kl: float = 0.01,
-        fisher: str = "exact",
-        fisher_kwargs: dict[str, Any] | None = None,
-        fisher_samples: int = 1,
-        fisher_subsample: float = 1.0,
-        cg_iters: int = 15,
-        cg_damping: float = 0.1,
-        cg_tol: float = 1e-10,
-        preconditioner: str | None = None,
-        line_search_max_iter: int = 10,
-        line_search_shrink: float = 0.8,
-        vf_lr: float = 1e-3,
-        vf_epochs: int = 10,
-        vf_minibatch: int = 128,
-        normalize_advantage: bool = True,
-        normalize_obs: bool = False,
-        normalize_reward: bool = False,
-        clip_obs: float = 10.0,
-        net_arch: tuple[int, ...] | list[int] = (64, 64),
-        vf_arch: tuple[int, ...] | list[int] | None = None,
-        activation: str = "tanh",
-        ortho_init: bool = True,
-        log_std_init: float = 0.0,
-        vectorization: str = "sync",
-        env_kwargs: dict[str, Any] | None = None,
-        on_nonfinite: str = "raise",
-        stats_window: int = 100,
-        seed: int = 0,
-        device: str = "cpu",
-        num_threads: int | None = 1,
         policy_kwargs: dict[str, Any] | None = None,
-        tensorboard_log: str | None = None,
-        verbose: int = 0,
+        **kwargs: Any,
     ) -> None:
-        config = {
-            k: v for k, v in locals().items() if k not in ("self", "policy", "env", "policy_kwargs")
-        }
-        config.update(policy_kwargs_to_config(dict(policy_kwargs or {})))
-        net_arch, vf_arch = config["net_arch"], config["vf_arch"]
-        config["net_arch"] = [int(x) for x in net_arch]
-        config["vf_arch"] = None if vf_arch is None else [int(x) for x in vf_arch]
-        config["fisher_kwargs"] = dict(fisher_kwargs or {})
-        config["env_kwargs"] = dict(env_kwargs or {})
-        config["preconditioner"] = None if preconditioner in (None, "none") else preconditioner
+        kwargs.update(policy_kwargs_to_config(dict(policy_kwargs or {})))
+        self.cfg = self.config_class.from_kwargs(kwargs)
         env, self._user_env = as_vector_env(env)
         env_id = env if isinstance(env, str) else getattr(env, "env_id", None)
-        config["env_id"] = env_id
-        self.config = config
-        self._validate(policy, env)  # before any env starts
-        if num_threads is not None:
-            torch.set_num_threads(int(num_threads))
-        for k, v in config.items():
-            setattr(self, k, v)
-        self.device = torch.device(device)
+        self._env_id = env_id
+        self.cfg.validate(policy, env)  # before any env starts
+        cfg = self.cfg
+        if cfg.num_threads is not None:
+            torch.set_num_threads(int(cfg.num_threads))
+        self.device = resolve_device(cfg.device)
         self.env_id = env_id or "env"
 
         self.env: VectorEnv = (
             envs_mod.make_vec_env(
-                env, n_envs, None, vectorization, step_infos=False, **self.env_kwargs
+                env, cfg.n_envs, None, cfg.vectorization, step_infos=False, **cfg.env_kwargs
             )
             if isinstance(env, str)
             else env
         )
         if isinstance(self._user_env, str):
             self._user_env = self.env
-        self.n_envs = self.env.num_envs
-        self.config["n_envs"] = self.n_envs
-        torch.manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        cfg.n_envs = self.env.num_envs
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         obs_space = self.env.single_observation_space
-        self.policy = ActorCriticPolicy(
+        # The rollout acts with a CPU policy; the update runs on ``self.device``. On the CPU
+        # both are the same module; otherwise the CPU copy follows every update.
+        self.rollout_policy = ActorCriticPolicy(
             obs_space,
             self.env.single_action_space,
-            self.net_arch,
-            self.vf_arch,
-            self.activation,
-            self.ortho_init,
-            self.log_std_init,
-        ).to(self.device)
+            cfg.net_arch,
+            cfg.vf_arch,
+            cfg.activation,
+            cfg.ortho_init,
+            cfg.log_std_init,
+        )
+        self.policy = (
+            self.rollout_policy
+            if self.device.type == "cpu"
+            else copy.deepcopy(self.rollout_policy).to(self.device)
+        )
         self.family = self.policy.family
-        self.vf_optimizer = torch.optim.Adam(self.policy.critic.parameters(), lr=vf_lr)
-        self.obs_normalizer = ObsNormalizer((self.policy.obs_dim,), normalize_obs, clip_obs)
-        self.reward_scaler = RewardScaler(self.n_envs, gamma, normalize_reward)
+        self.vf_optimizer = torch.optim.Adam(self.policy.critic.parameters(), lr=cfg.vf_lr)
+        self.obs_normalizer = ObsNormalizer((self.policy.obs_dim,), cfg.normalize_obs, cfg.clip_obs)
+        self.reward_scaler = RewardScaler(self.n_envs, cfg.gamma, cfg.normalize_reward)
         self.collector = RolloutCollector(
             self.env,
-            self.policy,
+            self.rollout_policy,
             self.obs_normalizer,
             self.reward_scaler,
-            n_steps,
+            cfg.n_steps,
             self.generator,
             self.env_id,
-            on_nonfinite,
-            stats_window,
+            cfg.on_nonfinite,
+            cfg.stats_window,
         )
         self.num_timesteps = 0
         self.num_updates = 0
@@ -250,103 +223,26 @@ class OnPolicyNaturalAlgorithm:
         self._interrupt: int | None = None
         self._boundary: dict[str, Any] | None = None
 
-    # --- configuration ------------------------------------------------------------------------
-    def _validate(self, policy: str, env: Any) -> None:
-        """One-line ``ValueError`` naming the option and the accepted values."""
-        c = self.config
-        if policy != "MlpPolicy":
-            raise _bad("policy", policy, "'MlpPolicy'")
-        if not (
-            isinstance(c["max_kl"], int | float) and c["max_kl"] > 0 and math.isfinite(c["max_kl"])
-        ):
-            raise _bad("max_kl", c["max_kl"], "a finite float > 0")
-        if not (c["cg_damping"] >= 0 and math.isfinite(c["cg_damping"])):
-            raise _bad("cg_damping", c["cg_damping"], "a finite float >= 0")
-        if int(c["cg_iters"]) < 1:
-            raise _bad("cg_iters", c["cg_iters"], "an int >= 1")
-        if not c["cg_tol"] >= 0:
-            raise _bad("cg_tol", c["cg_tol"], "a float >= 0")
-        if c["fisher"] not in FISHER_NAMES:
-            raise _bad("fisher", c["fisher"], ", ".join(FISHER_NAMES))
-        pre = c["preconditioner"]
-        if pre is not None and pre not in PRECONDITIONERS:
-            raise _bad("preconditioner", pre, "None, " + ", ".join(PRECONDITIONERS))
-        if pre is not None and c["fisher"] in DIRECT_FISHERS:
-            raise _bad(
-                "preconditioner",
-                pre,
-                f"None with fisher={c['fisher']!r} (solved directly, no CG)",
-            )
-        if c["cg_damping"] == 0 and (c["fisher"] in DIRECT_FISHERS or pre is not None):
-            # their inverses divide by Kronecker/diagonal factors that can be exactly singular
-            raise _bad("cg_damping", 0, f"> 0 with fisher={c['fisher']!r}, preconditioner={pre!r}")
-        if not 0 < c["fisher_subsample"] <= 1:
-            raise _bad("fisher_subsample", c["fisher_subsample"], "a fraction in (0, 1]")
-        if int(c["fisher_samples"]) < 1:
-            raise _bad("fisher_samples", c["fisher_samples"], "an int >= 1")
-        if int(c["line_search_max_iter"]) < 1:
-            raise _bad("line_search_max_iter", c["line_search_max_iter"], "an int >= 1")
-        if not 0 < c["line_search_shrink"] < 1:
-            raise _bad("line_search_shrink", c["line_search_shrink"], "a float in (0, 1)")
-        if not 0 <= c["gamma"] <= 1:
-            raise _bad("gamma", c["gamma"], "a float in [0, 1]")
-        if not 0 <= c["gae_lambda"] <= 1:
-            raise _bad("gae_lambda", c["gae_lambda"], "a float in [0, 1]")
-        if not (c["vf_lr"] > 0 and math.isfinite(c["vf_lr"])):
-            raise _bad("vf_lr", c["vf_lr"], "a finite float > 0")
-        if int(c["vf_epochs"]) < 0:
-            raise _bad("vf_epochs", c["vf_epochs"], "an int >= 0")
-        if int(c["n_steps"]) < 1:
-            raise _bad("n_steps", c["n_steps"], "an int >= 1")
-        n_envs = env.num_envs if isinstance(env, VectorEnv) else int(c["n_envs"])
-        if n_envs < 1:
-            raise _bad("n_envs", c["n_envs"], "an int >= 1")
-        batch = int(c["n_steps"]) * n_envs
-        mb = int(c["vf_minibatch"])
-        if mb < 1 or batch % mb != 0:
-            divisors = [d for d in (32, 64, 128, 256, 512, 1024, batch) if batch % d == 0]
-            raise _bad(
-                "vf_minibatch",
-                c["vf_minibatch"],
-                f"a divisor of n_steps*n_envs={batch} (e.g. {', '.join(map(str, divisors))})",
-            )
-        if c["activation"] not in ACTIVATIONS:
-            raise _bad("activation", c["activation"], ", ".join(ACTIVATIONS))
-        if c["vectorization"] not in envs_mod.VECTORIZATIONS:
-            raise _bad("vectorization", c["vectorization"], ", ".join(envs_mod.VECTORIZATIONS))
-        if c["on_nonfinite"] not in NONFINITE_MODES:
-            raise _bad("on_nonfinite", c["on_nonfinite"], ", ".join(NONFINITE_MODES))
-        if not c["clip_obs"] > 0:
-            raise _bad("clip_obs", c["clip_obs"], "a float > 0")
-        if any(int(h) < 1 for h in c["net_arch"]):
-            raise _bad("net_arch", c["net_arch"], "positive layer widths")
-        if c["vf_arch"] is not None and any(int(h) < 1 for h in c["vf_arch"]):
-            raise _bad("vf_arch", c["vf_arch"], "None or positive layer widths")
-        if not math.isfinite(float(c["log_std_init"])):
-            raise _bad("log_std_init", c["log_std_init"], "a finite float")
-        if int(c["stats_window"]) < 1:
-            raise _bad("stats_window", c["stats_window"], "an int >= 1")
-        if c["num_threads"] is not None and int(c["num_threads"]) < 1:
-            raise _bad("num_threads", c["num_threads"], "None or an int >= 1")
-        if str(c["device"]) != "cpu":  # small MLPs + a CPU-bound env loop: no GPU path
-            raise _bad("device", c["device"], "'cpu'")
-        if isinstance(env, str):
-            envs_mod.check_env_id(env)
-        elif not isinstance(env, VectorEnv):
-            raise _bad(
-                "env",
-                env,
-                "a Gymnasium env id, a gymnasium.vector.VectorEnv, a gym.Env or an SB3 VecEnv",
-            )
-        elif env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
-            # the rollout reads final observations from infos["final_obs"] (SAME_STEP); NEXT_STEP
-            # would insert fake reset transitions and bootstrap across episodes
-            raise _bad(
-                "env",
-                f"a VectorEnv with autoreset_mode={env.metadata.get('autoreset_mode')}",
-                "a VectorEnv with autoreset_mode=AutoresetMode.SAME_STEP "
-                "(envs.make_vec_env builds one)",
-            )
+    def __getattr__(self, name: str) -> Any:
+        """Options read as attributes (``agent.max_kl``) come from :attr:`cfg`."""
+        cfg = self.__dict__.get("cfg")
+        if cfg is not None and name in cfg.__dataclass_fields__:
+            return getattr(cfg, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved options as a JSON-able dict, with ``env_id`` (``None``: a custom env)."""
+        return {**self.cfg.to_dict(), "env_id": self._env_id}
+
+    def _sync_rollout_policy(self) -> None:
+        """Copy the updated parameters into the CPU policy the rollout acts with."""
+        if self.rollout_policy is not self.policy:
+            with torch.no_grad():
+                for dst, src in zip(
+                    self.rollout_policy.parameters(), self.policy.parameters(), strict=True
+                ):
+                    dst.copy_(src)
 
     # --- the training loop --------------------------------------------------------------------
     def _start(self) -> None:
@@ -355,25 +251,6 @@ class OnPolicyNaturalAlgorithm:
         self.env.action_space.seed(self.seed)
         self.collector.start(obs)
         self._started = True
-
-    @contextmanager
-    def _signal_guard(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set a flag the loop checks; a second signal interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._interrupt is not None:
-                raise KeyboardInterrupt
-            self._interrupt = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def learn(
         self,
@@ -413,7 +290,7 @@ class OnPolicyNaturalAlgorithm:
         t_start, steps_start = time.perf_counter(), self.num_timesteps
         if sb3_callback is not None:
             sb3_callback.training_start(locals())
-        with self._signal_guard():
+        with deferred_signals(lambda: self._interrupt is not None, self._record_signal):
             while self.num_timesteps < target:
                 t0 = time.perf_counter()
                 steps_before = self.num_timesteps
@@ -432,6 +309,7 @@ class OnPolicyNaturalAlgorithm:
                 if sb3_callback is not None:
                     sb3_callback.rollout_end()
                 metrics = self.train_on_batch(batch)
+                self._sync_rollout_policy()
                 self.num_updates += 1
                 t_total = time.perf_counter() - t0
                 eps = self.collector.episodes
@@ -467,6 +345,10 @@ class OnPolicyNaturalAlgorithm:
         if sb3_callback is not None:
             sb3_callback.training_end()
         return self
+
+    def _record_signal(self, signum: int) -> None:
+        """A SIGINT/SIGTERM arrived: stop at the next update boundary."""
+        self._interrupt = signum
 
     def _collect_with(self, callback: SB3Callback) -> RolloutBatch | None:
         """One rollout with ``callback.step`` after every vector step (``num_timesteps``
@@ -554,7 +436,7 @@ class OnPolicyNaturalAlgorithm:
             returns, values_flat = returns[keep], values_flat[keep]
         actions, advantages, returns = actions.to(dev), advantages.to(dev), returns.to(dev)
         if self.normalize_advantage and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = normalized_advantages(advantages)
 
         actor_before = flat_params(policy.actor).clone()
         critic_before = flat_params(critic).clone()
@@ -768,30 +650,18 @@ class OnPolicyNaturalAlgorithm:
 
     def _capture_state(self) -> dict[str, Any]:
         """Everything needed to continue training bit-identically (deep copies)."""
-        np_state = np.random.get_state()
-        py_state = random.getstate()
         state = {
             "format": FORMAT,
             "version": 1,
             "algo": self.algo_name,
             "config": copy.deepcopy(self.config),
             "policy": {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()},
-            "vf_optimizer": copy.deepcopy(self.vf_optimizer.state_dict()),
+            "vf_optimizer": tensors_to(self.vf_optimizer.state_dict(), "cpu"),
             "obs_normalizer": self.obs_normalizer.state_dict(),
             "reward_scaler": self.reward_scaler.state_dict(),
             "num_timesteps": self.num_timesteps,
             "num_updates": self.num_updates,
-            "rng": {
-                "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "numpy": {
-                    "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                    "pos": int(np_state[2]),
-                    "has_gauss": int(np_state[3]),
-                    "cached_gaussian": float(np_state[4]),
-                },
-                "python": [py_state[0], list(py_state[1]), py_state[2]],
-            },
+            "rng": capture_rng(self.generator),
             "started": self._started,
         }
         if self._started:
@@ -802,26 +672,13 @@ class OnPolicyNaturalAlgorithm:
     def _restore_state(self, state: dict[str, Any]) -> None:
         """Load a :meth:`_capture_state` dict (envs restored exactly where supported)."""
         self.policy.load_state_dict(state["policy"])
-        self.vf_optimizer.load_state_dict(state["vf_optimizer"])
+        self._sync_rollout_policy()
+        self._load_optimizer(self.vf_optimizer, state["vf_optimizer"])
         self.obs_normalizer.load_state_dict(state["obs_normalizer"])
         self.reward_scaler.load_state_dict(state["reward_scaler"])
         self.num_timesteps = int(state["num_timesteps"])
         self.num_updates = int(state["num_updates"])
-        rng = state["rng"]
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        n = rng["numpy"]
-        np.random.set_state(
-            (
-                "MT19937",
-                n["keys"].numpy().astype(np.uint32),
-                n["pos"],
-                n["has_gauss"],
-                n["cached_gaussian"],
-            )
-        )
-        p = rng["python"]
-        random.setstate((p[0], tuple(p[1]), p[2]))
+        restore_rng(self.generator, state["rng"])
         if not state.get("started"):
             return
         env_states = state.get("env_states")
@@ -843,6 +700,13 @@ class OnPolicyNaturalAlgorithm:
             self.reward_scaler.ret[:] = 0.0  # the discounted return of the restarted episodes
             self.collector.cur_obs = self.obs_normalizer(obs.reshape(self.n_envs, -1), update=False)
         self._started = True
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a checkpoint's (CPU) optimizer state: torch's optimizers cast their per-parameter
+        state to the parameters' device themselves; NGD's curvature state is moved here."""
+        optimizer.load_state_dict(
+            tensors_to(state, self.device) if isinstance(optimizer, NGD) else state
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write a resumable checkpoint atomically (``torch.load(weights_only=True)``-safe)."""

@@ -28,6 +28,18 @@ class RunDirInUse(RuntimeError):
     """Another live process holds the lock of a run directory."""
 
 
+def tensors_to(obj: Any, device: torch.device | str) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor detached and copied to ``device``
+    (checkpoints hold CPU tensors; a restore moves them to the agent's device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: tensors_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(tensors_to(v, device) for v in obj)
+    return obj
+
+
 def content_digest(obj: Any) -> str:
     """SHA-256 of a nested structure of dicts, lists, tuples, tensors and scalars: keys, types,
     dtypes, shapes and the raw bytes of every tensor, in order. It changes with any flipped byte

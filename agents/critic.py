@@ -199,6 +199,7 @@ class BackgroundFit:
         self._thread.join()
 
     def result(self) -> tuple[Tensor, float]:
+        """The fit's per-step losses and its wall time (re-raises its error)."""
         self.wait()
         if self._error is not None:
             raise self._error

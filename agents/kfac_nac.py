@@ -25,7 +25,6 @@ TRPO under ``"kfac-nac"``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from typing import Any
@@ -37,13 +36,12 @@ from torch import Tensor, nn
 
 from agents import register_algorithm
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
+from agents.checkpoint import tensors_to
+from agents.config import KFACNACConfig
 from agents.presets import register_preset
 from npg import make_fisher
 from npg.optim import NGD
 
-KFAC_LABELS = ("mc", "exact", "empirical")
-CRITIC_OPTIMIZERS = ("kfac", "adam")
-KL_CLIPS = ("exact", "kfac-model", "kfac-model-damped")
 #: realized-KL rescales of one step before it is rejected
 MAX_RESCALES = 10
 
@@ -84,80 +82,46 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
     """
 
     algo_name = "kfac-nac"
+    config_class = KFACNACConfig
 
     def __init__(
         self,
         policy: str = "MlpPolicy",
         env: str | VectorEnv = "CartPole-v1",
-        *,
-        lr: float = 0.25,
-        damping: float = 0.01,
-        kfac_labels: str = "mc",
-        kfac_decay: float = 0.99,
-        kfac_inv_interval: int = 10,
-        kfac_samples: int = 1,
-        critic_optimizer: str = "kfac",
-        vf_max_kl: float | None = None,
-        vf_damping: float = 0.01,
-        vf_kfac_decay: float = 0.5,
-        vf_inv_interval: int = 1,
-        kl_clip: str = "exact",
-        kl_enforce: bool = True,
         **kwargs: Any,
     ) -> None:
-        own = dict(
-            lr=lr,
-            damping=damping,
-            kfac_labels=kfac_labels,
-            kfac_decay=kfac_decay,
-            kfac_inv_interval=kfac_inv_interval,
-            kfac_samples=kfac_samples,
-            critic_optimizer=critic_optimizer,
-            vf_max_kl=vf_max_kl,
-            vf_damping=vf_damping,
-            vf_kfac_decay=vf_kfac_decay,
-            vf_inv_interval=vf_inv_interval,
-            kl_clip=kl_clip,
-            kl_enforce=kl_enforce,
-        )
-        _validate_own(own)
-        kwargs.setdefault("fisher", "kfac")
-        if kwargs["fisher"] != "kfac":
-            raise ValueError(f"fisher={kwargs['fisher']!r} is invalid; accepted: 'kfac'")
         super().__init__(policy, env, **kwargs)
-        self.config.update(own)
-        for k, v in own.items():
-            setattr(self, k, v)
-        seed = int(self.seed)
+        cfg = self.cfg
+        seed = int(cfg.seed)
         self.actor_optimizer = NGD(
             self.policy.actor.parameters(),
             model=self.policy.actor,
             family=self.family,
             fisher="kfac",
-            lr=lr,
+            lr=cfg.lr,
             max_kl=None,  # the KL clipping is done here (damped quadratic, see _policy_update)
-            damping=damping,
-            n_samples=kfac_samples,
+            damping=cfg.damping,
+            n_samples=cfg.kfac_samples,
             seed=seed,
-            kfac_labels=kfac_labels,
-            kfac_decay=kfac_decay,
+            kfac_labels=cfg.kfac_labels,
+            kfac_decay=cfg.kfac_decay,
             kfac_cov_interval=1,
-            kfac_inv_interval=kfac_inv_interval,
+            kfac_inv_interval=cfg.kfac_inv_interval,
         )
-        if critic_optimizer == "kfac":
+        if cfg.critic_optimizer == "kfac":
             self.vf_optimizer = NGD(
                 self.policy.critic.parameters(),
                 model=self.policy.critic,
                 loss_fn=nn.MSELoss(),
                 fisher="kfac",
-                lr=self.vf_lr,
-                max_kl=vf_max_kl,
-                damping=vf_damping,
+                lr=cfg.vf_lr,
+                max_kl=cfg.vf_max_kl,
+                damping=cfg.vf_damping,
                 seed=seed + 1,
                 kfac_labels="mc",
-                kfac_decay=vf_kfac_decay,
+                kfac_decay=cfg.vf_kfac_decay,
                 kfac_cov_interval=1,
-                kfac_inv_interval=vf_inv_interval,
+                kfac_inv_interval=cfg.vf_inv_interval,
             )
 
     # --- the policy step ------------------------------------------------------------------------
@@ -227,15 +191,12 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
             "surrogate_improvement": improvement,
             "predicted_improvement": float(g @ step),
             "step_status": status,
-            "cg_iterations": 0,
-            "cg_residual": 0.0,
             "grad_norm": float(g.norm()),
             "kfac_inverses_updated": bool(info.get("kfac_inverses_updated", False)),
-            "ls_backtracks": rescales,
-            "ls_success": status == "ok",
+            "kl_rescales": rescales,
             **self._distribution_metrics(old_out),
-            "time_fisher_cg": t_step,
-            "time_line_search": time.perf_counter() - t0,
+            "time_step": t_step,
+            "time_kl_enforce": time.perf_counter() - t0,
         }
 
     # --- the critic -----------------------------------------------------------------------------
@@ -265,13 +226,13 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
     # --- checkpoints ----------------------------------------------------------------------------
     def _capture_state(self) -> dict[str, Any]:
         state = super()._capture_state()
-        state["actor_optimizer"] = _clone(self.actor_optimizer.state_dict())
+        state["actor_optimizer"] = tensors_to(self.actor_optimizer.state_dict(), "cpu")
         return state
 
     def _restore_state(self, state: dict[str, Any]) -> None:
         super()._restore_state(state)
         if "actor_optimizer" in state:
-            self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+            self._load_optimizer(self.actor_optimizer, state["actor_optimizer"])
 
     @staticmethod
     def _format(m: dict[str, Any]) -> str:
@@ -281,66 +242,6 @@ class KFACNAC(OnPolicyNaturalAlgorithm):
             f"scale {m['step_scale']:.3f} | {m['steps_per_s']:.0f} steps/s"
         )
 
-
-def _clone(obj: Any) -> Any:
-    """Deep copy of nested dicts/lists/tuples of tensors."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_clone(v) for v in obj)
-    return obj
-
-
-def _validate_own(c: dict[str, Any]) -> None:
-    """One-line ``ValueError`` naming the option and the accepted values."""
-    if not (c["lr"] > 0 and math.isfinite(c["lr"])):
-        raise ValueError(f"lr={c['lr']!r} is invalid; accepted: a finite float > 0")
-    if not c["damping"] >= 0:
-        raise ValueError(f"damping={c['damping']!r} is invalid; accepted: a float >= 0")
-    if c["kfac_labels"] not in KFAC_LABELS:
-        raise ValueError(
-            f"kfac_labels={c['kfac_labels']!r} is invalid; accepted: {', '.join(KFAC_LABELS)}"
-        )
-    if not 0 <= c["kfac_decay"] < 1:
-        raise ValueError(f"kfac_decay={c['kfac_decay']!r} is invalid; accepted: [0, 1)")
-    if int(c["kfac_inv_interval"]) < 1:
-        raise ValueError(f"kfac_inv_interval={c['kfac_inv_interval']!r}; accepted: an int >= 1")
-    if int(c["kfac_samples"]) < 1:
-        raise ValueError(f"kfac_samples={c['kfac_samples']!r}; accepted: an int >= 1")
-    if c["critic_optimizer"] not in CRITIC_OPTIMIZERS:
-        raise ValueError(
-            f"critic_optimizer={c['critic_optimizer']!r} is invalid; accepted: "
-            + ", ".join(CRITIC_OPTIMIZERS)
-        )
-    if c["vf_max_kl"] is not None and not c["vf_max_kl"] > 0:
-        raise ValueError(f"vf_max_kl={c['vf_max_kl']!r}; accepted: None or a float > 0")
-    if not 0 <= c["vf_kfac_decay"] < 1:
-        raise ValueError(f"vf_kfac_decay={c['vf_kfac_decay']!r} is invalid; accepted: [0, 1)")
-    if int(c["vf_inv_interval"]) < 1:
-        raise ValueError(f"vf_inv_interval={c['vf_inv_interval']!r}; accepted: an int >= 1")
-    if c["kl_clip"] not in KL_CLIPS:
-        raise ValueError(f"kl_clip={c['kl_clip']!r} is invalid; accepted: {', '.join(KL_CLIPS)}")
-    if not c["vf_damping"] >= 0:
-        raise ValueError(f"vf_damping={c['vf_damping']!r}; accepted: a float >= 0")
-
-
-def _merged_signature() -> inspect.Signature:
-    """KFACNAC's own keywords plus the base class's, so ``scripts/train.py`` gets every flag."""
-    own = inspect.signature(KFACNAC.__init__).parameters
-    base = inspect.signature(OnPolicyNaturalAlgorithm.__init__).parameters
-    params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in params}
-    params += [
-        p.replace(default="kfac") if p.name == "fisher" else p
-        for n, p in base.items()
-        if n not in names and p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    return inspect.Signature(params)
-
-
-KFACNAC.__init__.__signature__ = _merged_signature()  # type: ignore[attr-defined]
 
 # ACKTR / sb3-zoo A2C-with-K-FAC-style settings (lr 0.25, damping 0.01), rollout sizes and δ as
 # for TRPO so both see the same data per update. ACKTR's decay 0.99 / inverses every 10 updates

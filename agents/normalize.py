@@ -39,6 +39,7 @@ class RunningMeanStd:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Load a :meth:`state_dict` (copies)."""
         self.mean = state["mean"].numpy().copy()  # type: ignore[union-attr]
         self.var = state["var"].numpy().copy()  # type: ignore[union-attr]
         self.count = float(state["count"])  # type: ignore[arg-type]
@@ -63,9 +64,11 @@ class ObsNormalizer:
         return _clip(z, self.clip).astype(np.float32)
 
     def state_dict(self) -> dict[str, object]:
+        """The normalizer's state (for checkpoints)."""
         return {"enabled": self.enabled, "clip": self.clip, "rms": self.rms.state_dict()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Load a :meth:`state_dict`."""
         self.enabled = bool(state["enabled"])
         self.clip = float(state["clip"])  # type: ignore[arg-type]
         self.rms.load_state_dict(state["rms"])  # type: ignore[arg-type]
@@ -93,6 +96,7 @@ class RewardScaler:
         return scaled
 
     def state_dict(self) -> dict[str, object]:
+        """The scaler's state, with the running discounted returns."""
         return {
             "enabled": self.enabled,
             "rms": self.rms.state_dict(),
@@ -100,6 +104,7 @@ class RewardScaler:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Load a :meth:`state_dict`."""
         self.enabled = bool(state["enabled"])
         self.rms.load_state_dict(state["rms"])  # type: ignore[arg-type]
         self.ret = state["ret"].numpy().copy()  # type: ignore[union-attr]

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
+from agents.config import NPGConfig
 
 
 class NPG(OnPolicyNaturalAlgorithm):
@@ -18,6 +19,7 @@ class NPG(OnPolicyNaturalAlgorithm):
     """
 
     algo_name = "npg"
+    config_class = NPGConfig
 
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
         actor = self.policy.actor

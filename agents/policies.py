@@ -110,6 +110,7 @@ class Actor(nn.Module):
             self.log_std = nn.Parameter(torch.full((mean_dim,), float(log_std_init)))
 
     def forward(self, obs: Tensor) -> Tensor:
+        """The family's output for a batch of normalized observations."""
         out = self.net(obs)
         if self.gaussian:
             return torch.cat([out, self.log_std.expand_as(out)], -1)

@@ -210,6 +210,7 @@ class RolloutWorker:
         return os.getpid()
 
     def close(self) -> None:
+        """Close the worker's vector env."""
         self.env.close()
 
 
@@ -434,6 +435,7 @@ class RayRolloutCollector:
         }
 
     def load_state_dict(self, state: dict[str, object], with_obs: bool = True) -> None:
+        """Load a :meth:`state_dict` (``with_obs``: the observations in flight too)."""
         self.episodes.clear()
         self.episodes.extend((float(r), int(n)) for r, n in state["episodes"])  # type: ignore
         self.total_steps = int(state["total_steps"])  # type: ignore[arg-type]

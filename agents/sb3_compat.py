@@ -111,6 +111,7 @@ class SB3VecEnvAdapter(VectorEnv):
     def reset(
         self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset the SB3 VecEnv (``options["reset_mask"]``: only those sub-envs)."""
         mask = None if options is None else options.get("reset_mask")
         if mask is not None:  # reset only these sub-envs (the rollout's drop mode)
             space = self.single_observation_space
@@ -124,6 +125,7 @@ class SB3VecEnvAdapter(VectorEnv):
         return self._obs(self.venv.reset()), {}
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        """Step the SB3 VecEnv; its ``dones`` split into terminated/truncated."""
         obs, rewards, dones, infos = self.venv.step(actions)
         dones = np.asarray(dones, dtype=bool)
         truncated = np.array(
@@ -143,6 +145,7 @@ class SB3VecEnvAdapter(VectorEnv):
         return self._obs(obs), np.asarray(rewards), dones & ~truncated, truncated, out
 
     def close_extras(self, **kwargs: Any) -> None:
+        """Close the SB3 VecEnv."""
         self.venv.close()
 
 
@@ -249,9 +252,11 @@ class SB3Callback:
         self.n_envs = int(model.n_envs)
 
     def training_start(self, locals_: dict[str, Any]) -> None:
+        """SB3's ``on_training_start``."""
         self.callback.on_training_start(locals_, {})
 
     def rollout_start(self) -> None:
+        """SB3's ``on_rollout_start``."""
         self.callback.on_rollout_start()
 
     def step(
@@ -269,9 +274,11 @@ class SB3Callback:
         return bool(self.callback.on_step())
 
     def rollout_end(self) -> None:
+        """SB3's ``on_rollout_end``."""
         self.callback.on_rollout_end()
 
     def training_end(self) -> None:
+        """SB3's ``on_training_end``."""
         self.callback.on_training_end()
 
 
@@ -290,14 +297,22 @@ SB3_KEYS = {
 }
 
 
-def record_metrics(logger: Any, metrics: dict[str, Any], step: int) -> None:
-    """Record one update's numeric, finite metrics in an SB3 ``Logger`` and dump them."""
+def sb3_scalars(metrics: dict[str, Any]) -> dict[str, int | float]:
+    """One update's numeric, finite metrics (ints stay ints) under SB3's names
+    (``rollout/ep_rew_mean``, ``train/kl``, ...; the others as ``train/<name>``)."""
+    out = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(value):
-            continue
-        logger.record(SB3_KEYS.get(key, f"train/{key}"), value)
+        if math.isfinite(value):
+            out[SB3_KEYS.get(key, f"train/{key}")] = value
+    return out
+
+
+def record_metrics(logger: Any, metrics: dict[str, Any], step: int) -> None:
+    """Record one update's numeric, finite metrics in an SB3 ``Logger`` and dump them."""
+    for key, value in sb3_scalars(metrics).items():
+        logger.record(key, value)
     logger.dump(step=step)
 
 
@@ -316,9 +331,7 @@ def tensorboard_logger(root: str | Path, name: str) -> Any:
         from stable_baselines3.common.logger import configure
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (tensorboard present)
     except ImportError as e:
-        raise ImportError(
-            "tensorboard_log needs SB3 and tensorboard: pip install 'npg[sb3,logging]'"
-        ) from e
+        raise ImportError("tensorboard_log needs SB3: pip install 'npg[sb3]'") from e
     root = Path(root)
     i = 1
     while (root / f"{name}_{i}").exists():
@@ -337,5 +350,6 @@ __all__ = [
     "policy_kwargs_to_config",
     "raw_observation_space",
     "record_metrics",
+    "sb3_scalars",
     "tensorboard_logger",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from agents.base import OnPolicyNaturalAlgorithm, flat_params, set_flat_params
+from agents.config import TRPOConfig
 
 
 class TRPO(OnPolicyNaturalAlgorithm):
@@ -22,6 +23,7 @@ class TRPO(OnPolicyNaturalAlgorithm):
     """
 
     algo_name = "trpo"
+    config_class = TRPOConfig
 
     def _policy_update(self, obs: Tensor, actions: Tensor, advantages: Tensor) -> dict[str, Any]:
         actor = self.policy.actor

@@ -217,7 +217,7 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
     for b in args.batches:
         e = max(1, b // 512)
         agent = _agent(e, b // e, vf_epochs=10)
-        agent.config["vf_minibatch"] = agent.vf_minibatch = 128
+        agent.cfg.vf_minibatch = 128
         agent._start()
         batch = agent.collector.collect()
         times, cpus, parts = [], [], []

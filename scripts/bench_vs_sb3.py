@@ -51,16 +51,10 @@ EVAL_SEED = 10_000
 
 def _hyperparameters(env_id: str) -> dict[str, Any]:
     """Our preset for ``env_id`` (TRPO), with the library defaults for what it leaves out."""
-    import inspect
-
-    from agents import TRPO
+    from agents.config import TRPOConfig
     from agents.presets import get_preset
 
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(TRPO.__init__).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    defaults = TRPOConfig().to_dict()
     hp = get_preset("trpo", env_id)
     hp.pop("total_timesteps", None)
     for k in (

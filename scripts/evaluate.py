@@ -97,7 +97,7 @@ def _main(argv: list[str] | None) -> int:
     if args.episodes < 1:
         raise SystemExit(f"--episodes {args.episodes}: accepted an int >= 1")
     state, ckpt = load_state(args.path)
-    agent = OnPolicyNaturalAlgorithm.load(state, num_threads=1)
+    agent = OnPolicyNaturalAlgorithm.load(state, num_threads=1, device="cpu")
     returns = evaluate(agent, args.episodes, args.seed, not args.stochastic, args.video)
     agent.close()
     mean, std = float(np.mean(returns)), float(np.std(returns))

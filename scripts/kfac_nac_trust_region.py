@@ -94,7 +94,7 @@ def run_cell(env: str, config: str, seed: int, updates: int, cos_every: int) -> 
                 kfac_model_kl_ratio=m["kfac_model_quad"] / delta,
                 exact_quad_kl_ratio=m["exact_quad"] / delta,
                 step_scale=m["step_scale"],
-                rescales=m["ls_backtracks"],
+                rescales=m["kl_rescales"],
                 step_status=m["step_status"],
                 cos_exact=m["cos_exact"],
                 cpu_update_s=m["cpu_update_s"],

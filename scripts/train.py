@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
-import inspect
 import json
 import os
 import sys
-import warnings
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,16 @@ from agents.checkpoint import (
     replace_durably,
 )
 from agents.guard import DivergenceError
+from agents.loggers import (
+    CSVLogger,
+    Loggers,
+    ProgressBar,
+    TensorBoardLogger,
+    WandbLogger,
+)
 from agents.presets import get_preset
 from agents.rollout import NonFiniteError
 
-# options of the agents that the CLI does not expose as flags
-_HIDDEN = {"verbose", "env_kwargs", "fisher_kwargs", "device", "num_threads", "seed", "n_envs"}
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
 CONFIG_KEYS = ("algo", "env", "seed", "total_timesteps", "preset", "hyperparameters", "resolved")
@@ -51,34 +57,75 @@ EXPECTED_ERRORS = (ValueError, OSError, CheckpointError, RunDirInUse, NonFiniteE
 EXPECTED_ERRORS += (DivergenceError,)
 
 
-def _hyperparameter_flags(parser: argparse.ArgumentParser, algo_cls: type) -> list[str]:
-    """One ``--flag`` per keyword argument of the algorithm's constructor."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except for flags whose default is ``None`` (their help text
+    says what applies: the preset, or the library default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _flag_kind(hint: Any) -> tuple[type, bool]:
+    """``(element type, is a list)`` of a config field's type hint (``X | None`` as ``X``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_kind(args[0])
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _hyperparameter_flags(
+    parser: argparse.ArgumentParser, algo_cls: type, preset: dict[str, Any]
+) -> list[str]:
+    """One ``--flag`` per option of the algorithm's config class (:mod:`agents.config`): help
+    from the field's metadata, choices where it has them, the default it will get (preset or
+    library) in the help text; options the algorithm ignores get no flag."""
+    config_class = algo_cls.config_class
+    hints = typing.get_type_hints(config_class)
     names = []
-    group = parser.add_argument_group(f"{algo_cls.__name__} hyperparameters (default: preset)")
-    for name, p in inspect.signature(algo_cls.__init__).parameters.items():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY or name in _HIDDEN:
+    group = parser.add_argument_group(
+        f"{algo_cls.__name__} hyperparameters (default: the preset of --algo/--env, else the "
+        "library default)"
+    )
+    for f in dataclasses.fields(config_class):
+        if f.name in config_class.cli_hidden:
             continue
-        flag = "--" + name.replace("_", "-")
-        default = p.default
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(default, tuple | list) or name.endswith("_arch"):
-            group.add_argument(flag, type=int, nargs="*", default=None, metavar="W")
-        elif isinstance(default, int):
-            group.add_argument(flag, type=int, default=None)
-        elif isinstance(default, float):
-            group.add_argument(flag, type=float, default=None)
+        flag = "--" + f.name.replace("_", "-")
+        library = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = (
+            f"{preset[f.name]!r} (preset; library default {library!r})"
+            if f.name in preset
+            else repr(library)
+        )
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        kind, is_list = _flag_kind(hints[f.name])
+        if kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif is_list:
+            group.add_argument(
+                flag, type=kind, nargs="*", default=None, metavar="W", help=help_text
+            )
         else:
-            group.add_argument(flag, type=str, default=None)
-        names.append(name)
+            group.add_argument(
+                flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
+            )
+        names.append(f.name)
     return names
 
 
-def build_parser(algo: str) -> tuple[argparse.ArgumentParser, list[str]]:
-    """The full CLI for ``algo`` (its hyperparameter flags come from its constructor)."""
+def build_parser(
+    algo: str, env_id: str = "CartPole-v1", preset: str = "auto"
+) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The full CLI for ``algo`` (its hyperparameter flags come from its config class; their
+    help shows the defaults of the preset of ``(algo, env_id)``)."""
     parser = argparse.ArgumentParser(
         description="Train NPG/TRPO (and registered algorithms) with a pluggable Fisher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--env", default="CartPole-v1", help="Gymnasium env id")
     parser.add_argument("--algo", default="trpo", choices=sorted(ALGORITHMS))
@@ -87,9 +134,13 @@ def build_parser(algo: str) -> tuple[argparse.ArgumentParser, list[str]]:
         default="auto",
         help="'auto': the tuned preset of (algo, env) if any; 'none': library defaults",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--total-steps", type=int, default=None, help="default: preset or 1e5")
-    parser.add_argument("--n-envs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run")
+    parser.add_argument(
+        "--total-steps", type=int, default=None, help="env steps (default: the preset's, or 1e5)"
+    )
+    parser.add_argument(
+        "--n-envs", type=int, default=None, help="parallel envs (default: the preset's, or 1)"
+    )
     parser.add_argument("--run-dir", default=None, help="default: runs/<algo>_<env>_s<seed>")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="updates (0: never)")
@@ -97,9 +148,9 @@ def build_parser(algo: str) -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--tensorboard", action="store_true", help="log to RUN_DIR/tb")
     parser.add_argument("--wandb", action="store_true", help="log to W&B (offline by default)")
-    parser.add_argument("--wandb-project", default="npg")
+    parser.add_argument("--wandb-project", default="npg", help="W&B project name")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--verbose", type=int, default=0)
+    parser.add_argument("--verbose", type=int, default=0, help="1: one line per update")
     parser.add_argument(
         "--workers",
         type=int,
@@ -109,7 +160,8 @@ def build_parser(algo: str) -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument(
         "--ray-address", default=None, help="join this Ray cluster (default: a local instance)"
     )
-    names = _hyperparameter_flags(parser, ALGORITHMS[algo])
+    presets = get_preset(algo, env_id) if preset == "auto" else {}
+    names = _hyperparameter_flags(parser, ALGORITHMS[algo], presets)
     return parser, names
 
 
@@ -118,6 +170,12 @@ def resolve_config(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
     preset = get_preset(args.algo, args.env) if args.preset == "auto" else {}
     if args.preset not in ("auto", "none"):
         raise SystemExit(f"--preset {args.preset!r}: accepted 'auto' or 'none'")
+    if args.preset == "auto" and not preset:
+        print(
+            f"note: no preset for {args.algo} on {args.env}; using the library defaults "
+            "(agents/config.py) where no flag is given",
+            file=sys.stderr,
+        )
     total = preset.pop("total_timesteps", 100_000)
     hp = dict(preset)
     for name in names:
@@ -144,92 +202,20 @@ def resolve_config(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
     }
 
 
-class MetricsLogger:
-    """Per-update metrics to CSV (flushed per row), progress bar, TensorBoard, W&B."""
-
-    def __init__(self, run_dir: Path, total: int, initial: int, args: argparse.Namespace) -> None:
-        self.path = run_dir / METRICS_FILE
-        self.file = None
-        self.writer: csv.DictWriter | None = None
-        self.fields: list[str] | None = None
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                self.fields = next(csv.reader(f), None)
-        self.bar = None
-        if not args.no_progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.tb = None
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception as e:
-                warnings.warn(f"--tensorboard ignored: {e}", stacklevel=2)
-        self.wandb = None
-        if args.wandb:
-            try:
-                import wandb
-
-                os.environ.setdefault("WANDB_MODE", "offline")
-                os.environ.setdefault("WANDB_SILENT", "true")
-                self.wandb = wandb.init(
-                    project=args.wandb_project,
-                    dir=str(run_dir),
-                    name=run_dir.name,
-                    config=json.loads((run_dir / "config.json").read_text()),
-                    resume="allow",
-                    id=run_dir.name,
-                    settings=wandb.Settings(init_timeout=10),
-                )
-            except Exception as e:
-                warnings.warn(f"--wandb ignored: {e}", stacklevel=2)
-
-    def __call__(self, m: dict[str, Any]) -> bool:
-        if self.writer is None:
-            if self.fields is not None and set(self.fields) != set(m):
-                missing = sorted(set(m) - set(self.fields))
-                extra = sorted(set(self.fields) - set(m))
-                raise ValueError(
-                    f"{self.path}: its header does not match this run's metrics (missing "
-                    f"{missing[:5]}, unexpected {extra[:5]}); repair its first line"
-                )
-            new = self.fields is None
-            self.fields = self.fields or list(m)
-            self.file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
-            self.writer = csv.DictWriter(self.file, self.fields, extrasaction="ignore")
-            if new:
-                self.writer.writeheader()
-        self.writer.writerow(m)
-        self.file.flush()
-        if self.bar is not None:
-            self.bar.n = int(m["timesteps"])
-            self.bar.set_postfix(ret=f"{m['ep_return_mean']:.1f}", sps=f"{m['fps']:.0f}")
-            self.bar.refresh()
-        scalars = {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, int(m["timesteps"]))
-        if self.wandb is not None:
-            try:
-                self.wandb.log(scalars, step=int(m["timesteps"]))
-            except Exception:
-                self.wandb = None
-        return True
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+def run_loggers(run_dir: Path, total: int, initial: int, args: argparse.Namespace) -> Loggers:
+    """The run's loggers (:mod:`agents.loggers`): ``metrics.csv``, and as asked a progress
+    bar, TensorBoard in ``RUN_DIR/tb`` and W&B (offline by default) in ``RUN_DIR/wandb``."""
+    loggers: list[Any] = [CSVLogger(run_dir / METRICS_FILE)]
+    if not args.no_progress:
+        loggers.append(ProgressBar(total, initial))
+    if args.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir / "tb"))
+    if args.wandb:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        loggers.append(
+            WandbLogger(args.wandb_project, run_dir, run_dir.name, config, run_id=run_dir.name)
+        )
+    return Loggers(*loggers)
 
 
 def check_metrics_header(header: Sequence[str], path: Path) -> None:
@@ -388,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--algo", default="trpo")
+    pre.add_argument("--env", default="CartPole-v1")
+    pre.add_argument("--preset", default="auto")
     pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)
     config: dict[str, Any] | None = None
@@ -395,10 +383,10 @@ def _main(argv: list[str]) -> int:
         if not Path(known.resume).is_dir():
             raise SystemExit(f"--resume {known.resume}: no such run directory")
         config = read_config(Path(known.resume))
-        known.algo = config["algo"]
+        known.algo, known.env, known.preset = config["algo"], config["env"], config["preset"]
     if known.algo not in ALGORITHMS:
         raise SystemExit(f"--algo {known.algo!r}: accepted {', '.join(sorted(ALGORITHMS))}")
-    parser, names = build_parser(known.algo)
+    parser, names = build_parser(known.algo, known.env, known.preset)
     args = parser.parse_args(argv)
     check_options(args)
     import torch
@@ -471,7 +459,7 @@ def _train(
 
         attach_ray_workers(agent, config["workers"], config.get("ray_address"))
     total = int(config["total_timesteps"])
-    logger = MetricsLogger(run_dir, total, agent.num_timesteps, args)
+    logger = run_loggers(run_dir, total, agent.num_timesteps, args)
     try:
         agent.learn(
             total - agent.num_timesteps,

@@ -492,7 +492,6 @@ def test_async_worker_exception_surfaces_with_traceback_and_checkpoint_intact(
         (["--max-kl", "-0.01"], "max_kl", "a finite float > 0"),
         (["--cg-damping", "-1"], "cg_damping", "a finite float >= 0"),
         (["--cg-iters", "0"], "cg_iters", "an int >= 1"),
-        (["--fisher", "hessian"], "fisher", "exact, mc, empirical, diagonal, kfac, ekfac"),
         (["--n-steps", "100", "--vf-minibatch", "64"], "vf_minibatch", "a divisor of"),
     ],
 )
@@ -509,6 +508,17 @@ def test_cli_bad_option_one_line_error_before_any_env(
         train_cli.main([*flags, "--n-envs", "2", "--run-dir", str(run), "--no-progress"])
     msg = str(e.value)
     assert "\n" not in msg and f"{option}=" in msg and f"is invalid; accepted: {accepted}" in msg
+    assert not run.exists()
+
+
+def test_cli_fisher_outside_its_choices(capsys, tmp_path: Path) -> None:
+    """``--fisher`` lists its choices: argparse refuses others before anything is built."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--fisher", "hessian", "--run-dir", str(run), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --fisher: invalid choice: 'hessian'" in err and "'ekfac'" in err
     assert not run.exists()
 
 

@@ -144,7 +144,7 @@ def test_an_oversize_step_is_rescaled_or_restored(monkeypatch: pytest.MonkeyPatc
     agent.learn(2 * 64)
     for *_, m in agent.records:
         assert m["step_status"] == "ok"
-        assert m["ls_backtracks"] >= 1 and m["kl"] <= delta
+        assert m["kl_rescales"] >= 1 and m["kl"] <= delta
     monkeypatch.setattr("agents.kfac_nac.MAX_RESCALES", 0)
     agent.learn(2 * 64, reset_num_timesteps=False)
     for _, old, new, m in agent.records[2:]:
@@ -234,3 +234,15 @@ def test_registered_and_cli(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert (run / "model.pt").exists()
     assert "kfac_decay" in (run / "config.json").read_text()
+
+
+def test_metrics_are_its_own() -> None:
+    """K-FAC NAC reports what it computes: no CG or line-search columns."""
+    m: list[dict] = []
+    KFACNAC("MlpPolicy", "CartPole-v1", **SMALL).learn(128, callback=m.append)
+    foreign = {"cg_iterations", "cg_residual", "ls_backtracks", "ls_success"}
+    foreign |= {"time_fisher_cg", "time_line_search"}
+    assert not foreign & set(m[0])
+    assert {"kl_rescales", "step_status", "predicted_kl", "time_step", "time_kl_enforce"} <= set(
+        m[0]
+    )

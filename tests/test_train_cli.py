@@ -139,3 +139,68 @@ def test_plot_mean_and_ci_over_seeds(tmp_path: Path) -> None:
     assert plot_cli.main([*runs, "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_cli.t_quantile(1) == 12.706 and plot_cli.t_quantile(100) == 1.96
+
+
+def _help(algo: str) -> str:
+    parser, _ = train_cli.build_parser(algo)
+    return " ".join(parser.format_help().split())  # one line: argparse wraps at any width
+
+
+def test_help_shows_defaults_and_choices() -> None:
+    text = _help("trpo")
+    assert "--fisher {exact,mc,empirical,diagonal,kfac,ekfac}" in text
+    assert "--preconditioner {none,diagonal,kfac}" in text
+    # the CartPole preset's value, and the library's
+    assert "vector env steps per rollout (default: 512 (preset; library default 2048))" in text
+    assert "discount factor" in text and "--cg-iters CG_ITERS" in text
+    assert "--device DEVICE" in text and "(default: 'cpu')" in text
+
+
+def test_kfac_nac_help_lacks_flags_it_ignores() -> None:
+    text = _help("kfac-nac")
+    for flag in ("--cg-iters", "--cg-damping", "--cg-tol", "--fisher", "--preconditioner"):
+        assert f"{flag} " not in text and f"[{flag}" not in text
+    assert "--line-search" not in text
+    assert "--kfac-labels {mc,exact,empirical}" in text and "--vf-max-kl VF_MAX_KL" in text
+
+
+def test_vf_max_kl_parses_as_float(tmp_path: Path) -> None:
+    parser, names = train_cli.build_parser("kfac-nac")
+    args = parser.parse_args(["--algo", "kfac-nac", "--vf-max-kl", "0.01"])
+    assert args.vf_max_kl == 0.01 and isinstance(args.vf_max_kl, float)
+    run = tmp_path / "run"
+    argv = ["--algo", "kfac-nac", "--vf-max-kl", "0.01", *FAST, "--total-steps", "128"]
+    assert train_cli.main([*argv, "--run-dir", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["resolved"]["vf_max_kl"] == 0.01
+
+
+def test_notice_when_env_has_no_preset(capsys) -> None:
+    parser, names = train_cli.build_parser("trpo", "MountainCar-v0")
+    args = parser.parse_args(["--env", "MountainCar-v0"])
+    config = train_cli.resolve_config(args, names)
+    assert config["hyperparameters"] == {}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "note: no preset for trpo on MountainCar-v0; using the library defaults "
+        "(agents/config.py) where no flag is given"
+    ]
+    args = parser.parse_args([])  # CartPole-v1 has a preset: no notice
+    train_cli.resolve_config(args, names)
+    assert capsys.readouterr().err == ""
+
+
+def test_device_flag(tmp_path: Path) -> None:
+    parser, names = train_cli.build_parser("trpo")
+    assert (
+        train_cli.resolve_config(parser.parse_args(["--device", "cpu"]), names)["hyperparameters"][
+            "device"
+        ]
+        == "cpu"
+    )
+    run = tmp_path / "run"
+    argv = ["--device", "cpu", *FAST, "--total-steps", "128", "--run-dir", str(run)]
+    assert train_cli.main([*argv, "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["resolved"]["device"] == "cpu"
+    with pytest.raises(SystemExit, match=r"^error: device='tpu' is invalid; accepted: 'cpu'"):
+        train_cli.main(["--device", "tpu", "--run-dir", str(tmp_path / "bad"), "--no-progress"])
+    assert not (tmp_path / "bad").exists()
