@@ -10,8 +10,8 @@ so for a ``Box`` action space of dimension ``d`` its ``target_kl`` bounds KL/d, 
 Fisher-vector product is F/d; ours bounds the KL itself. The presets hold our joint-KL
 ``max_kl`` (0.01·d on MuJoCo) and sb3 gets ``target_kl = max_kl / d``: ``--kl-match sum``
 (default) is then the same trust region on both sides; ``--kl-match nominal`` also gives ours
-the per-dimension number (the setting of the first run in docs/bench_vs_sb3.md). Both are the
-same for discrete actions. Vectorization: sb3's ``DummyVecEnv`` vs our ``LeanSyncVectorEnv``
+the per-dimension number (a trust region d times smaller than sb3's). Both are the same for
+discrete actions. Vectorization: sb3's ``DummyVecEnv`` vs our ``LeanSyncVectorEnv``
 (a Gymnasium ``SyncVectorEnv``; both in-process, one env after the other). Threads: both sides
 run torch with one intra-op thread; ours fits the critic in a second Python thread (one
 TorchScript call, no GIL) while the main thread takes the policy step, so its update can use
