@@ -36,7 +36,7 @@ TUNED_ADAM = "Adam lr=2e-2"
 # seeds (checked on seeds 5-9), not by the single seed-0 run, whose epoch counts are chaotic:
 # ACKTR's damped KL model (kl_model="damped"), factors refreshed with the inverses
 HEADLINE_KFAC = "K-FAC lr=1 damped-KL<=1e-2 damping=3e-3 factors/20"
-# K-FAC clipped with the exact KL model (NGD's default kl_model), the headline until session 2
+# K-FAC clipped with the exact KL model (NGD's default kl_model)
 EXACT_KL_KFAC = "K-FAC lr=1 KL<=1e-3 damping=1e-2"
 # the headline's clip with the exact damped Kronecker inverse (kfac_inverse="eigen")
 EIGEN_KFAC = "K-FAC lr=1 damped-KL<=1e-2 damping=2e-3 factors/20 eigen"
