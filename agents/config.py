@@ -20,11 +20,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 import envs as envs_mod
 from agents.policies import ACTIVATIONS
 from agents.rollout import NONFINITE_MODES
-from npg import FISHER_NAMES
+from npg import fisher_names, get_flavour
 
 PRECONDITIONERS = ("none", "diagonal", "kfac")
-#: Fisher flavours solved directly (no CG): they take no preconditioner
-DIRECT_FISHERS = ("diagonal", "kfac", "ekfac")
 KFAC_LABELS = ("mc", "exact", "empirical")
 CRITIC_OPTIMIZERS = ("kfac", "adam")
 KL_CLIPS = ("exact", "kfac-model", "kfac-model-damped")
@@ -75,7 +73,7 @@ class AgentConfig:
     gamma: float = _opt(0.99, "discount factor")
     gae_lambda: float = _opt(0.95, "GAE lambda")
     max_kl: float = _opt(0.01, "trust-region radius delta (mean KL(old||new) over the batch)")
-    fisher: str = _opt("exact", "Fisher flavour of the policy step", FISHER_NAMES)
+    fisher: str = _opt("exact", "Fisher flavour of the policy step", fisher_names())
     fisher_kwargs: dict[str, Any] = _opt({}, "extra npg.make_fisher options")
     fisher_samples: int = _opt(1, "sampled labels per input for the Monte-Carlo Fishers")
     fisher_subsample: float = _opt(1.0, "fraction of the batch the Fisher is built on")
@@ -197,16 +195,17 @@ class AgentConfig:
             raise _bad("cg_iters", self.cg_iters, "an int >= 1")
         if not self.cg_tol >= 0:
             raise _bad("cg_tol", self.cg_tol, "a float >= 0")
-        if self.fisher not in FISHER_NAMES:
-            raise _bad("fisher", self.fisher, ", ".join(FISHER_NAMES))
+        if self.fisher not in fisher_names():
+            raise _bad("fisher", self.fisher, ", ".join(fisher_names()))
+        direct = get_flavour(self.fisher).direct  # solved directly: no CG to precondition
         pre = self.preconditioner
         if pre is not None and pre not in PRECONDITIONERS:
             raise _bad("preconditioner", pre, "None, " + ", ".join(PRECONDITIONERS))
-        if pre is not None and self.fisher in DIRECT_FISHERS:
+        if pre is not None and direct:
             raise _bad(
                 "preconditioner", pre, f"None with fisher={self.fisher!r} (solved directly, no CG)"
             )
-        if self.cg_damping == 0 and (self.fisher in DIRECT_FISHERS or pre is not None):
+        if self.cg_damping == 0 and (direct or pre is not None):
             # their inverses divide by Kronecker/diagonal factors that can be exactly singular
             raise _bad("cg_damping", 0, f"> 0 with fisher={self.fisher!r}, preconditioner={pre!r}")
         if not 0 < self.fisher_subsample <= 1:

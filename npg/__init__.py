@@ -6,10 +6,6 @@ family reads as a distribution, and the Fisher operators are built on one batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from torch import Tensor
-
 from npg.cg import CGResult, conjugate_gradient
 from npg.families import (
     Bernoulli,
@@ -21,81 +17,26 @@ from npg.families import (
     get_family,
 )
 from npg.fisher import (
+    FLAVOURS,
     DiagonalFisher,
     EmpiricalFisher,
     ExactFisher,
     FisherOperator,
+    FisherOptions,
+    Flavour,
     KFACFisher,
     MCFisher,
+    fisher_names,
+    get_flavour,
+    make_fisher,
+    register_fisher,
 )
 from npg.model import FunctionalModel
 from npg.natural import NaturalStep, natural_step
 from npg.optim import NGD, infer_likelihood
 
-FISHER_NAMES = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
-
-
-def make_fisher(
-    name: str,
-    model,
-    inputs,
-    family: str | Family,
-    *,
-    targets: Tensor | None = None,
-    params=None,
-    param_dict: Mapping[str, Tensor] | None = None,
-    n_samples: int = 1,
-    seed: int = 0,
-    diagonal: str = "exact",
-    kfac_labels: str = "exact",
-    kfac_inverse: str = "pi",
-) -> FisherOperator:
-    """Build the Fisher flavour ``name`` on one batch.
-
-    ``targets`` are the observed labels (needed by ``empirical``, and by the diagonal or K-FAC
-    when they use empirical labels); ``n_samples`` / ``seed`` drive the Monte-Carlo labels;
-    ``diagonal`` is the variant of the diagonal (``exact``, ``mc``, ``empirical``);
-    ``kfac_labels`` the label source of K-FAC's factors.
-    """
-    common = dict(params=params)
-    if name == "exact":
-        return ExactFisher(model, inputs, family, param_dict=param_dict, **common)
-    if name == "mc":
-        return MCFisher(model, inputs, family, n_samples, seed, param_dict=param_dict, **common)
-    if name == "empirical":
-        if targets is None:
-            raise ValueError("the empirical Fisher needs targets (the observed labels)")
-        return EmpiricalFisher(model, inputs, family, targets, param_dict=param_dict, **common)
-    if name == "diagonal":
-        return DiagonalFisher(
-            model,
-            inputs,
-            family,
-            diagonal,
-            targets,
-            n_samples,
-            seed,
-            param_dict=param_dict,
-            **common,
-        )
-    if name in ("kfac", "ekfac"):
-        return KFACFisher(
-            model,
-            inputs,
-            family,
-            kfac_labels,
-            targets,
-            n_samples,
-            seed,
-            inverse=kfac_inverse,
-            ekfac=name == "ekfac",
-            **common,
-        )
-    raise ValueError(f"unknown Fisher {name!r}; accepted: {', '.join(FISHER_NAMES)}")
-
-
 __all__ = [
-    "FISHER_NAMES",
+    "FLAVOURS",
     "Bernoulli",
     "CGResult",
     "Categorical",
@@ -105,6 +46,8 @@ __all__ = [
     "ExactFisher",
     "Family",
     "FisherOperator",
+    "FisherOptions",
+    "Flavour",
     "FunctionalModel",
     "GaussianRegression",
     "KFACFisher",
@@ -113,8 +56,11 @@ __all__ = [
     "NGD",
     "NaturalStep",
     "conjugate_gradient",
+    "fisher_names",
     "get_family",
+    "get_flavour",
     "infer_likelihood",
     "make_fisher",
     "natural_step",
+    "register_fisher",
 ]

@@ -134,6 +134,7 @@ class DataParallelFisher(FisherOperator):
         self.n = global_batch_size(op.n, group, op.device)
         self._weight = self.n_local / self.n
         self.reduced = isinstance(op, (DiagonalFisher, KFACFisher))
+        self.direct = self.reduced  # the reduced operator keeps its closed-form inverse
         if isinstance(op, DiagonalFisher):
             op.diag = self._reduce(op.diag)
         elif isinstance(op, KFACFisher):
@@ -249,39 +250,10 @@ class DistributedNGD(NGD):
     def _rank_seed(self, seed: int) -> int:
         return seed + self.rank * self.rank_seed_stride
 
-    def _curvature(self, inputs, targets, family, step, mu):
-        if self.fisher == "kfac":  # running averages of factors from _kfac_operator (reduced)
-            return super()._curvature(inputs, targets, family, step, mu)
-        from npg import make_fisher as _make_fisher
-
-        group = self.param_groups[0]
-        info: dict = {}
-        op = DataParallelFisher(
-            _make_fisher(
-                self.fisher,
-                self.model,
-                inputs,
-                family,
-                targets=targets,
-                params=self._params,
-                n_samples=self.n_samples,
-                seed=self._rank_seed(self.seed + step),
-                diagonal=self.diagonal_variant,
-            ),
-            self.group,
-        )
-        if op.reduced:
-            return op.mv, op.inverse_mv, info
-
-        def solve(g: Tensor, mu: float) -> Tensor:
-            res = op.cg(g, mu, max_iter=group["cg_iters"], tol=group["cg_tol"])
-            info.update(cg_iterations=res.iterations, cg_residual=res.residual)
-            return res.x
-
-        return op.mv, solve, info
-
-    def _kfac_operator(self, inputs, targets, family, seed, ekfac=False):
-        local = super()._kfac_operator(inputs, targets, family, self._rank_seed(seed), ekfac)
+    def _fisher_operator(self, name, inputs, targets, family, seed):
+        """:meth:`NGD._fisher_operator` on this rank's shard with this rank's label seed,
+        all-reduced into the operator of the global batch."""
+        local = super()._fisher_operator(name, inputs, targets, family, self._rank_seed(seed))
         return DataParallelFisher(local, self.group)
 
     def _global_loss(self, loss: Tensor, inputs) -> Tensor:

@@ -8,7 +8,8 @@ with its parameter dict.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,60 @@ class FunctionalModel:
         return {
             n: c.reshape(*s, *tail) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
         }
+
+
+@contextlib.contextmanager
+def batch_norm_for_curvature(
+    model: nn.Module, inputs: Inputs, *, per_sample: bool
+) -> Iterator[None]:
+    """Inside: the curvature of ``model``'s training-mode BatchNorm layers can be built on the
+    batch ``inputs``, and no forward pass touches their running statistics.
+
+    A training-mode BatchNorm couples the samples of a batch through its statistics. A Fisher
+    built from the batch function (``per_sample=False``: the exact Fisher's jvp/vjp) sees that
+    coupling, and the layers stay in training mode. Per-sample gradients, vmap and Kronecker
+    factors (``per_sample=True``) need each output to depend on its own input only: the layers
+    then run in eval mode with this batch's mean and biased variance as their statistics, held
+    constant (each output keeps the value the training forward gives it on this batch). On exit
+    the layers get their mode and buffers back unchanged.
+    """
+    layers = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if not layers:
+        yield
+        return
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    saved = [(m, [getattr(m, n) for n in names]) for m in layers]
+    stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        dims = [d for d in range(x.ndim) if d != 1]
+        stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    handles = [m.register_forward_pre_hook(record) for m in layers] if per_sample else []
+    try:
+        for m in layers:  # forwards in here update clones, not the layers' buffers
+            for n in names:
+                buffer = getattr(m, n)
+                setattr(m, n, None if buffer is None else buffer.clone())
+        if per_sample:
+            with torch.no_grad():
+                model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+            for h in handles:
+                h.remove()
+            for m in layers:
+                m.running_mean, m.running_var = stats[m]
+                m.eval()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, buffers in saved:
+            for n, buffer in zip(names, buffers, strict=True):
+                setattr(m, n, buffer)
+            m.train()
 
 
 def batch_size(inputs: Inputs) -> int:

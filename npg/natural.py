@@ -61,7 +61,7 @@ def natural_step(
         raise ValueError(f"damping must be a finite float >= 0, got {damping}")
     if not bool(torch.isfinite(g).all()):
         raise ValueError("natural_step: the gradient g holds NaN/inf entries")
-    if hasattr(fisher, "inverse_mv"):
+    if fisher.direct:
         x = fisher.inverse_mv(g, damping)
         xFx = float(x @ (fisher.mv(x) + damping * x))
         cg = None

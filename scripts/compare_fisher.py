@@ -126,7 +126,7 @@ def flavour_direction(
     name, opts, pcg = FLAVOURS[flavour]
     common = dict(targets=actions, seed=seed)
     op = make_fisher(name, actor, obs, family, **common, **opts)
-    if hasattr(op, "inverse_mv"):
+    if op.direct:
         return op.inverse_mv(g, damping), op
     pre = make_fisher("kfac", actor, obs, family, **common) if pcg else None
     return op.cg(g, damping, max_iter=cg_iters, tol=1e-10, preconditioner=pre).x, op

@@ -17,6 +17,7 @@ import scipy.optimize
 import torch
 from torch import nn
 
+from npg import fisher_names
 from npg.optim import NGD
 from scripts._supervised_common import (
     keep_step,
@@ -30,7 +31,7 @@ from scripts._supervised_common import (
 
 N, D, BATCH, EPOCHS = 100, 10, 32, 40
 MB_DAMPING = 1e-2
-FLAVOURS = ("exact", "mc", "empirical", "diagonal", "kfac", "ekfac")
+FLAVOURS = fisher_names()
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,14 @@ def gd_steps_to_tol(
 
 
 def ngd_kwargs(flavour: str) -> dict:
-    return dict(fisher=flavour, cg_iters=50, cg_tol=1e-12, kfac_inverse="eigen", kfac_decay=0.0)
+    return dict(
+        fisher=flavour,
+        max_kl=None,  # the plain (damped) Gauss-Newton step
+        cg_iters=50,
+        cg_tol=1e-12,
+        kfac_inverse="eigen",
+        kfac_decay=0.0,
+    )
 
 
 def run_full_batch(flavour: str, x, y, loss_fn, l_star: float, steps: int) -> list[dict]:

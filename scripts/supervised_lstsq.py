@@ -126,7 +126,14 @@ def ngd_run(kind: str, steps: int, **kw):
     model = make_models()[kind]
     x, y = make_data(kind)
     loss_fn = nn.MSELoss()
-    opt = NGD(model.parameters(), model=model, loss_fn=loss_fn, fisher="exact", cg_iters=200, **kw)
+    opt = NGD(
+        model.parameters(),
+        model=model,
+        loss_fn=loss_fn,
+        fisher="exact",
+        cg_iters=200,
+        **{"max_kl": None, **kw},
+    )
     losses, times, t0 = [], [], time.perf_counter()
     for _ in range(steps + 1):
         with torch.no_grad():

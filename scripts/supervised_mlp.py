@@ -410,7 +410,13 @@ def main() -> None:
 
     def ngd(fisher, lr, damping, **kw):
         return lambda m, lf: NGD(
-            m.parameters(), model=m, loss_fn=lf, fisher=fisher, lr=lr, damping=damping, **kw
+            m.parameters(),
+            model=m,
+            loss_fn=lf,
+            fisher=fisher,
+            lr=lr,
+            damping=damping,
+            **{"max_kl": None, **kw},
         )
 
     kfac_kw = dict(kfac_labels="mc", kfac_decay=0.95, kfac_cov_interval=10, kfac_inv_interval=20)

@@ -423,3 +423,21 @@ def test_closure_factors_fall_back_on_other_inputs_or_repeated_layers() -> None:
     with ClosureFactors(twice, [(block[0], True)], x, family, "exact", None, 1, 0) as capture:
         twice(x)
     assert capture.factors is None
+
+
+def test_inversion_errors_say_what_went_wrong() -> None:
+    from npg.fisher.kfac import KroneckerBlock
+
+    layer = nn.Linear(3, 2)
+
+    def block(a: Tensor, g: Tensor) -> KroneckerBlock:
+        return KroneckerBlock(layer, slice(0, 6), slice(6, 8), a, g)
+
+    singular = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="singular; pass damping > 0"):
+        block(singular, torch.eye(2)).damped_inverse(0.0, "pi")
+    with pytest.raises(ValueError, match="singular; pass damping > 0"):
+        block(singular, torch.eye(2)).damped_inverse(0.0, "eigen")
+    overflowed = torch.full((4, 4), math.inf)
+    with pytest.raises(ValueError, match="Linear layer hold NaN/inf.*diverging.*max_kl"):
+        block(overflowed, torch.eye(2)).damped_inverse(1e-3, "pi")

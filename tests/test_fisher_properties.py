@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from npg import FISHER_NAMES, make_fisher
+from npg import fisher_names, make_fisher
 
 
 @st.composite
@@ -31,7 +31,7 @@ def cases(draw):
         act=act,
         fid=fid,
         n=draw(st.integers(1, 6)),
-        flavour=draw(st.sampled_from(FISHER_NAMES)),
+        flavour=draw(st.sampled_from(fisher_names())),
         seed=draw(st.integers(0, 2**16)),
         damping=draw(st.sampled_from([0.0, 1e-3, 0.1])),
         cg_iters=draw(st.integers(1, 30)),

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dense_fisher
+from conftest import dense_fisher, output_fisher
 from torch import nn
 from torch.func import functional_call
 
@@ -48,8 +48,9 @@ def _closure(opt, model, loss_fn, x, y):
 
 
 def _ngd(model: nn.Module, loss_fn, **options) -> NGD:
-    """NGD over all of ``model``'s parameters, for ``loss_fn``."""
-    return NGD(model.parameters(), model=model, loss_fn=loss_fn, **options)
+    """NGD over all of ``model``'s parameters, for ``loss_fn``; no KL clip unless asked (the
+    tests compare the plain step ``-α (C + λI)⁻¹ g`` with its dense formula)."""
+    return NGD(model.parameters(), model=model, loss_fn=loss_fn, **{"max_kl": None, **options})
 
 
 def _loss_grad_hessian(model, loss_fn, x, y):
@@ -390,7 +391,7 @@ def test_loss_options_that_are_not_likelihoods_raise(loss_fn):
 def test_bad_arguments():
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="lr, max_kl"):
-        NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), lr=None)
+        NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), lr=None, max_kl=None)
     with pytest.raises(ValueError, match="unknown Fisher"):
         NGD(model.parameters(), model=model, loss_fn=nn.MSELoss(), fisher="hessian")
     with pytest.raises(ValueError, match="exactly one"):
@@ -625,3 +626,145 @@ def test_parameter_order_does_not_matter(flavour: str) -> None:
             opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
         flats.append(_flat(model))
     torch.testing.assert_close(flats[0], flats[1])
+
+
+# --- safe defaults ------------------------------------------------------------------------------
+def _readme_run(seed: int, steps: int = 200, **options) -> tuple[float, float]:
+    """The README's MLP (10 -> 32 tanh -> 3, badly scaled inputs, random labels), minibatches
+    of 25, NGD with its defaults: ``(initial, final)`` full-batch loss."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(256, 10) * torch.logspace(-1, 1, 10)
+    y = torch.randint(0, 3, (256,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = NGD(net.parameters(), model=net, loss_fn=loss_fn, **options)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        initial = float(loss_fn(net(x), y))
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (25,), generator=gen)
+        opt.step(_closure(opt, net, loss_fn, x[idx], y[idx]), inputs=x[idx], targets=y[idx])
+    with torch.no_grad():
+        return initial, float(loss_fn(net(x), y))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_defaults_do_not_diverge_on_the_readme_example(seed: int) -> None:
+    """Without the default KL clip (``max_kl=None``) these runs end at losses of about 60-130."""
+    initial, final = _readme_run(seed)
+    assert final < 0.5 * initial
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "diagonal"])
+def test_default_kl_clip_keeps_every_flavour_stable(fisher: str) -> None:
+    """Unclipped, these end at losses of about 2000; ``mc`` also diverged with a KL clip
+    measured by its own rank-25 estimate (the clip now measures the exact Fisher)."""
+    initial, final = _readme_run(0, fisher=fisher)
+    assert final < initial
+
+
+# --- BatchNorm ----------------------------------------------------------------------------------
+def _bn_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = _data(n=16)
+    x = x * 3 + 1  # the batch statistics are far from the initial running ones
+    return model, x, y
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def test_batch_norm_frozen_statistics_match_the_training_forward_and_restore() -> None:
+    from npg.model import batch_norm_for_curvature
+
+    model, x, _ = _bn_problem()
+    before = _buffers(model)
+    with torch.no_grad():
+        batch_out = copy.deepcopy(model)(x)  # training mode: the batch statistics
+    with batch_norm_for_curvature(model, x, per_sample=True):
+        assert not model[1].training
+        with torch.no_grad():
+            per_sample = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(per_sample, batch_out, rtol=1e-10, atol=1e-12)
+    with batch_norm_for_curvature(model, x, per_sample=False), torch.no_grad():
+        assert model[1].training
+        torch.testing.assert_close(model(x), batch_out, rtol=0, atol=0)
+    assert model[1].training
+    for k, v in _buffers(model).items():
+        assert torch.equal(v, before[k]), k
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        batch_norm_for_curvature(model, x, per_sample=True),
+    ):
+        raise RuntimeError("boom")
+    assert model[1].training and torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def _bn_dense_fishers(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(coupled, frozen)`` dense Fishers of a training-mode BatchNorm model, by hand: the GGN
+    of the batch function (Jacobian of all N outputs, statistics depending on θ), and the Fisher
+    of the model whose statistics are this batch's, held constant (eval mode)."""
+    train = copy.deepcopy(model)
+    names = [n for n, _ in train.named_parameters()]
+    shapes = [p.shape for p in train.parameters()]
+
+    def batch_fn(theta: torch.Tensor) -> torch.Tensor:
+        chunks = theta.split([s.numel() for s in shapes])
+        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return functional_call(train, params, (x,))
+
+    out = batch_fn(_flat(train)).detach()
+    jac = torch.autograd.functional.jacobian(batch_fn, _flat(train))  # (N, K, D)
+    coupled = sum(
+        j.T @ output_fisher(Categorical(), o) @ j for j, o in zip(jac, out, strict=True)
+    ) / len(x)
+    frozen = copy.deepcopy(model)
+    h = x @ frozen[0].weight.detach().T + frozen[0].bias.detach()
+    frozen[1].running_mean = h.mean(0)
+    frozen[1].running_var = h.var(0, unbiased=False)
+    frozen.eval()
+    return coupled, dense_fisher(frozen, x, Categorical())
+
+
+@pytest.mark.parametrize("fisher", ["exact", "diagonal"])
+def test_batch_norm_step_is_the_dense_solve(fisher: str) -> None:
+    """On a training-mode BatchNorm model the NGD step is ``-α (F + λI)⁻¹ g`` with ``g`` the
+    training-mode gradient and ``F`` the coupled GGN (exact) or the frozen-statistics Fisher's
+    diagonal (a per-sample flavour)."""
+    model, x, y = _bn_problem()
+    loss_fn = nn.CrossEntropyLoss()
+    coupled, frozen = _bn_dense_fishers(model, x)
+    fisher_matrix = coupled if fisher == "exact" else torch.diag(torch.diagonal(frozen))
+    twin = copy.deepcopy(model)  # its forward must not touch the model's buffers
+    g = torch.autograd.grad(loss_fn(twin(x), y), list(twin.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g])
+    lr, lam = 0.5, 1e-2
+    expected = -lr * torch.linalg.solve(fisher_matrix + lam * torch.eye(len(g)), g)
+    opt = _ngd(model, loss_fn, fisher=fisher, lr=lr, damping=lam, cg_iters=200, cg_tol=1e-14)
+    before = _flat(model)
+    opt.step(_closure(opt, model, loss_fn, x, y), inputs=x, targets=y)
+    torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-7, atol=1e-12)
+    assert int(model[1].num_batches_tracked) == 1  # only the closure's forward counted
+
+
+# not "empirical": its steps raise this loss with or without BatchNorm (it is not the Fisher)
+@pytest.mark.parametrize("fisher", ["kfac", "exact", "mc", "diagonal", "ekfac"])
+def test_batch_norm_model_trains(fisher: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(256, 10) * torch.logspace(-1, 1, 10)
+    y = (x[:, 0] + x[:, 9] > 0).long() + (x[:, 5] > 1).long()  # learnable labels
+    loss_fn = nn.CrossEntropyLoss()
+    opt = NGD(model.parameters(), model=model, loss_fn=loss_fn, fisher=fisher)  # defaults
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        initial = float(loss_fn(model(x), y))
+    for _ in range(100):
+        idx = torch.randint(0, 256, (25,), generator=gen)
+        opt.step(_closure(opt, model, loss_fn, x[idx], y[idx]), inputs=x[idx], targets=y[idx])
+    with torch.no_grad():
+        final = float(loss_fn(model(x), y))
+    assert final < initial
+    assert int(model[1].num_batches_tracked) == 102  # the 100 closures and the two losses here

@@ -27,6 +27,9 @@ class FisherOperator(ABC):
     The Fisher is the *mean* over the batch: ``F = (1/N) Σ_i E_y[∇log p ∇log pᵀ]``.
     """
 
+    #: has a closed-form damped inverse ``inverse_mv`` (solved directly, not by CG)
+    direct: bool = False
+
     def __init__(
         self,
         model,
@@ -134,7 +137,7 @@ class FisherOperator(ABC):
         (diagonal, K-FAC), which is then applied with the same damping.
         """
         precond = preconditioner
-        if precond is not None and hasattr(precond, "inverse_mv"):
+        if isinstance(precond, FisherOperator) and precond.direct:
             op = precond
 
             def precond(r: Tensor) -> Tensor:
@@ -150,6 +153,8 @@ class FisherOperator(ABC):
 
 class DirectlyInvertible(FisherOperator):
     """A Fisher approximation with a cheap closed-form damped inverse (diagonal, K-FAC)."""
+
+    direct = True
 
     @abstractmethod
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:

@@ -85,6 +85,24 @@ class KroneckerBlock:
         _, qa, _, qg = self.eig()
         return qg @ ((qg.T @ m @ qa) * self.ekfac_scale) @ qa.T
 
+    def _inversion_error(self, damping: float) -> ValueError:
+        """Why ``block + λI`` could not be inverted, and what to do about it."""
+        name = type(self.module).__name__
+        if not all(bool(torch.isfinite(f).all()) for f in (self.A, self.G)):
+            return ValueError(
+                f"K-FAC factors of a {name} layer hold NaN/inf: its inputs or output gradients "
+                "overflowed, so the parameters are diverging; bound the steps (NGD's max_kl=, a "
+                "smaller lr) or raise the damping"
+            )
+        if damping <= 0:
+            return ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
+        size = float(torch.stack((self.A.abs().max(), self.G.abs().max())).max())
+        return ValueError(
+            f"K-FAC factors of a {name} layer are numerically singular at damping={damping:g} "
+            f"(entries up to {size:.3g}): the parameters are likely diverging; bound the steps "
+            "(NGD's max_kl=, a smaller lr) or raise the damping"
+        )
+
     def damped_inverse(self, damping: float, method: str) -> tuple:
         """A reusable representation of ``(block + λI)⁻¹`` for :meth:`apply_inverse`.
 
@@ -107,7 +125,7 @@ class KroneckerBlock:
             scale = self.ekfac_scale if self.ekfac_scale is not None else torch.outer(lg, la)
             denom = scale + damping
             if not bool((denom > 0).all()):
-                raise ValueError("K-FAC factors are singular; pass damping > 0 to invert them")
+                raise self._inversion_error(damping)
             return ("eigen", qg, qa, denom, scale)
         da, dg = self.A.shape[0], self.G.shape[0]
         trace_a, trace_g = torch.stack((self.A.trace(), self.G.trace())).tolist()
@@ -118,8 +136,7 @@ class KroneckerBlock:
             a_inv = _spd_inverse(self.A, pi * gamma)
             g_inv = _spd_inverse(self.G, gamma / pi)
         except torch.linalg.LinAlgError:
-            msg = "K-FAC factors are singular; pass damping > 0 to invert them"
-            raise ValueError(msg) from None
+            raise self._inversion_error(damping) from None
         # rows weigh <X, M>, <X, ĜX>, <X, XÂ>, <X, X> into [<X, M>, <X, G X A>] (see
         # apply_inverse_with_form), with Ĝ = G + c_G I, Â = A + c_A I
         c_g, c_a = gamma / pi, pi * gamma
