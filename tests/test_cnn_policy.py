@@ -8,6 +8,8 @@ empirical / Monte-Carlo Fishers from a loop of ``autograd.grad`` on ``torch.dist
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,24 @@ def test_cnn_policy_learns_the_image_bandit(cls, options) -> None:
     agent.learn(15_360)
     after = float(np.mean(evaluate_policy(agent, episodes=20)))
     assert before < 4.0 and after > 7.5, (before, after)
+
+
+def test_train_cli_runs_and_resumes_a_cnn_policy(tmp_path) -> None:
+    """The preset of npg/ImageBandit-v0 selects CnnPolicy (``--policy`` is a flag too); the run
+    resumes with it and evaluates."""
+    from scripts import evaluate as evaluate_cli
+    from scripts import train as train_cli
+
+    run = tmp_path / "run"
+    argv = ["--env", "npg/ImageBandit-v0", "--n-steps", "32", "--vf-minibatch", "32"]
+    assert (
+        train_cli.main([*argv, "--total-steps", "256", "--run-dir", str(run), "--no-progress"]) == 0
+    )
+    config = json.loads((run / "config.json").read_text())
+    assert config["hyperparameters"]["policy"] == "CnnPolicy"
+    assert config["resolved"]["policy"] == "CnnPolicy"
+    assert train_cli.main(["--resume", str(run), "--total-steps", "384", "--no-progress"]) == 0
+    assert TRPO.load(run / "model.pt").num_timesteps == 384
+    assert evaluate_cli.main([str(run), "--episodes", "2"]) == 0
+    with pytest.raises(SystemExit):
+        train_cli.main(["--policy", "Cnn", "--run-dir", str(tmp_path / "bad"), "--no-progress"])
