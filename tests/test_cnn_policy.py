@@ -258,3 +258,17 @@ def test_train_cli_runs_and_resumes_a_cnn_policy(tmp_path) -> None:
     assert evaluate_cli.main([str(run), "--episodes", "2"]) == 0
     with pytest.raises(SystemExit):
         train_cli.main(["--policy", "Cnn", "--run-dir", str(tmp_path / "bad"), "--no-progress"])
+
+
+def test_minatar_ids_are_registered_and_train_with_cnn_policy() -> None:
+    pytest.importorskip("minatar")
+    from envs import make_env
+
+    env = make_env("MinAtar/Breakout-v1", seed=0)
+    assert env.observation_space.shape == (10, 10, 4) and env.action_space.n == 3
+    env.close()
+    agent = TRPO("CnnPolicy", "MinAtar/Breakout-v1", seed=0, **SMALL)
+    assert agent.policy.actor.net[0].scale == 1.0  # boolean channels are not divided by 255
+    assert agent.policy.actor.net[0].chw == (4, 10, 10)
+    agent.learn(64)
+    assert agent.num_timesteps == 64
