@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= mujoco,box2d,sb3,supervised,dist,video,dev
+EXTRAS ?= mujoco,box2d,sb3,supervised,dist,video,minatar,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 ARGS ?=

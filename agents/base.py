@@ -116,7 +116,11 @@ class OnPolicyNaturalAlgorithm:
     reads it.
 
     Args:
-        policy: only ``"MlpPolicy"``.
+        policy: ``"MlpPolicy"``, or ``"CnnPolicy"`` for rank-3 ``Box`` image observations
+            (HWC images transposed to CHW, ``uint8`` 0-255 images scaled by 1/255, never
+            running-normalized: ``normalize_obs`` must stay ``False``); its own options are
+            ``cnn_arch`` (``auto``, ``nature``, ``small``), ``features_dim`` and
+            ``normalize_images`` (:mod:`agents.policies`).
         env: a Gymnasium env id, a Gymnasium ``VectorEnv`` (built by the caller), a single
             ``gym.Env`` or a Stable-Baselines3 ``VecEnv``.
         n_envs, n_steps: transitions per update are ``n_envs × n_steps``.
@@ -161,7 +165,7 @@ class OnPolicyNaturalAlgorithm:
         **kwargs: Any,
     ) -> None:
         kwargs.update(policy_kwargs_to_config(dict(policy_kwargs or {})))
-        self.cfg = self.config_class.from_kwargs(kwargs)
+        self.cfg = self.config_class.from_kwargs({**kwargs, "policy": policy})
         env, self._user_env = as_vector_env(env)
         env_id = env if isinstance(env, str) else getattr(env, "env_id", None)
         self._env_id = env_id
@@ -187,14 +191,8 @@ class OnPolicyNaturalAlgorithm:
         obs_space = self.env.single_observation_space
         # The rollout acts with a CPU policy; the update runs on ``self.device``. On the CPU
         # both are the same module; otherwise the CPU copy follows every update.
-        self.rollout_policy = ActorCriticPolicy(
-            obs_space,
-            self.env.single_action_space,
-            cfg.net_arch,
-            cfg.vf_arch,
-            cfg.activation,
-            cfg.ortho_init,
-            cfg.log_std_init,
+        self.rollout_policy = ActorCriticPolicy.from_config(
+            obs_space, self.env.single_action_space, cfg.to_dict()
         )
         self.policy = (
             self.rollout_policy
@@ -738,7 +736,7 @@ class OnPolicyNaturalAlgorithm:
             if env_id is None:
                 raise ValueError("this checkpoint was trained on a custom env: pass env=")
             env = env_id
-        agent = algo_cls("MlpPolicy", env, **config)
+        agent = algo_cls(config.pop("policy", "MlpPolicy"), env, **config)
         agent._restore_state(state)
         return agent
 

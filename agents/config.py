@@ -18,7 +18,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 import envs as envs_mod
-from agents.policies import ACTIVATIONS
+from agents.policies import ACTIVATIONS, CNN_ARCHS, POLICIES
 from agents.rollout import NONFINITE_MODES
 from npg import fisher_names, get_flavour
 
@@ -68,6 +68,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class AgentConfig:
     """The options shared by the on-policy natural-gradient agents (NPG, TRPO, K-FAC NAC)."""
 
+    policy: str = _opt(
+        "MlpPolicy", "policy network (CnnPolicy: rank-3 image observations)", POLICIES
+    )
     n_envs: int = _opt(1, "parallel envs; transitions per update are n_envs * n_steps")
     n_steps: int = _opt(2048, "vector env steps per rollout")
     gamma: float = _opt(0.99, "discount factor")
@@ -95,6 +98,11 @@ class AgentConfig:
     activation: str = _opt("tanh", "hidden-layer activation", ACTIVATIONS)
     ortho_init: bool = _opt(True, "orthogonal initialization of the MLPs")
     log_std_init: float = _opt(0.0, "initial log standard deviation of Gaussian policies")
+    cnn_arch: str = _opt(
+        "auto", "CnnPolicy features (auto: nature from 36x36 up, else small)", CNN_ARCHS
+    )
+    features_dim: int | None = _opt(None, "CnnPolicy features width (None: nature 512, small 128)")
+    normalize_images: bool = _opt(True, "CnnPolicy: scale uint8 0-255 images by 1/255")
     vectorization: str = _opt("sync", "vector env kind", envs_mod.VECTORIZATIONS)
     env_kwargs: dict[str, Any] = _opt({}, "options passed to gym.make (EnvPool: its task options)")
     on_nonfinite: str = _opt("raise", "NaN/inf transitions: raise or drop them", NONFINITE_MODES)
@@ -137,8 +145,16 @@ class AgentConfig:
 
     def validate(self, policy: str, env: Any) -> None:
         """One-line ``ValueError`` naming the first bad option and the accepted values."""
-        if policy != "MlpPolicy":
-            raise _bad("policy", policy, "'MlpPolicy'")
+        if policy not in POLICIES:
+            raise _bad("policy", policy, ", ".join(repr(p) for p in POLICIES))
+        if policy == "CnnPolicy" and self.normalize_obs:
+            raise _bad(
+                "normalize_obs", True, "False with CnnPolicy (images are scaled by 1/255 instead)"
+            )
+        if self.cnn_arch not in CNN_ARCHS:
+            raise _bad("cnn_arch", self.cnn_arch, ", ".join(CNN_ARCHS))
+        if self.features_dim is not None and int(self.features_dim) < 1:
+            raise _bad("features_dim", self.features_dim, "None or an int >= 1")
         if not (
             isinstance(self.max_kl, int | float) and self.max_kl > 0 and math.isfinite(self.max_kl)
         ):

@@ -78,6 +78,27 @@ _TRPO: dict[str, dict[str, Any]] = {
         normalize_reward=True,
         total_timesteps=200_000,
     ),
+    # image tasks (CnnPolicy): the settings of the runs in docs/rl_results.md, not tuned
+    "MinAtar/Breakout-v1": dict(
+        policy="CnnPolicy",
+        net_arch=[],
+        n_envs=8,
+        n_steps=256,
+        vf_minibatch=256,
+        vf_epochs=5,
+        total_timesteps=300_000,
+    ),
+    "npg/ImageBandit-v0": dict(
+        policy="CnnPolicy",
+        net_arch=[],
+        features_dim=32,
+        n_envs=4,
+        n_steps=128,
+        vf_minibatch=128,
+        vf_epochs=2,
+        max_kl=0.05,
+        total_timesteps=15_360,
+    ),
     # sb3-contrib's KL is the mean over action dimensions (its target_kl bounds KL / d), ours is
     # the KL of the joint policy: the zoo's target_kl = 0.01 is max_kl = 0.01·d here
     # (measured ‖F v‖ / ‖H_sb3 v‖ = 3.0000 on Hopper; docs/bench_vs_sb3.md).

@@ -136,14 +136,8 @@ class RolloutWorker:
             env_id, int(c["n_envs"]), None, c["vectorization"], step_infos=False, **c["env_kwargs"]
         )
         n_envs = self.env.num_envs
-        self.policy = ActorCriticPolicy(
-            self.env.single_observation_space,
-            self.env.single_action_space,
-            c["net_arch"],
-            c["vf_arch"],
-            c["activation"],
-            c["ortho_init"],
-            c["log_std_init"],
+        self.policy = ActorCriticPolicy.from_config(
+            self.env.single_observation_space, self.env.single_action_space, c
         )
         self.obs_norm = ObsNormalizer((self.policy.obs_dim,), c["normalize_obs"], c["clip_obs"])
         self.obs_norm.rms = _TrackingRMS((self.policy.obs_dim,))

@@ -194,12 +194,20 @@ def _activation_name(fn: Any) -> str:
     raise ValueError(f"policy_kwargs activation_fn={fn!r} is invalid; accepted: {accepted}")
 
 
-POLICY_KWARGS = ("net_arch", "activation_fn", "ortho_init", "log_std_init")
+POLICY_KWARGS = (
+    "net_arch",
+    "activation_fn",
+    "ortho_init",
+    "log_std_init",
+    "normalize_images",
+    "features_extractor_kwargs",
+)
 
 
 def policy_kwargs_to_config(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
     """SB3's ``policy_kwargs`` as the agents' options (``net_arch`` as a list or as
-    ``dict(pi=[...], vf=[...])``; ``activation_fn`` an ``nn`` activation class)."""
+    ``dict(pi=[...], vf=[...])``; ``activation_fn`` an ``nn`` activation class; CnnPolicy's
+    ``normalize_images`` and ``features_extractor_kwargs=dict(features_dim=...)``)."""
     unknown = sorted(set(policy_kwargs) - set(POLICY_KWARGS))
     if unknown:
         raise ValueError(
@@ -218,9 +226,17 @@ def policy_kwargs_to_config(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
             out["net_arch"] = list(arch)
     if "activation_fn" in policy_kwargs:
         out["activation"] = _activation_name(policy_kwargs["activation_fn"])
-    for key in ("ortho_init", "log_std_init"):
+    for key in ("ortho_init", "log_std_init", "normalize_images"):
         if key in policy_kwargs:
             out[key] = policy_kwargs[key]
+    extractor = dict(policy_kwargs.get("features_extractor_kwargs") or {})
+    if set(extractor) - {"features_dim"}:
+        raise ValueError(
+            f"policy_kwargs features_extractor_kwargs={extractor!r}: only features_dim= is "
+            "supported (CnnPolicy)"
+        )
+    if "features_dim" in extractor:
+        out["features_dim"] = int(extractor["features_dim"])
     return out
 
 

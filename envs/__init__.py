@@ -23,9 +23,11 @@ from envs.analytic import (
     register_analytic_envs,
 )
 from envs.envpool_env import EnvPoolVectorEnv, envpool_available
+from envs.images import ImageBanditEnv, minatar_available, register_image_envs
 from envs.state import get_env_state, set_env_state, supports_state
 
 register_analytic_envs()
+register_image_envs()
 
 VECTORIZATIONS = ("sync", "async", "envpool")
 _FLATTENABLE = (
@@ -196,13 +198,16 @@ __all__ = [
     "TracebackAsyncVectorEnv",
     "BanditEnv",
     "GaussianBanditEnv",
+    "ImageBanditEnv",
     "bandit_natural_gradient",
     "check_env_id",
     "envpool_available",
+    "minatar_available",
     "get_env_state",
     "make_env",
     "make_vec_env",
     "register_analytic_envs",
+    "register_image_envs",
     "set_env_state",
     "supports_state",
 ]

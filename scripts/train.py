@@ -407,13 +407,14 @@ def _main(argv: list[str]) -> int:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = run_dir.with_name(f"{run_dir.name}_{stamp}")
         # Builds (and validates) the agent before anything is written.
+        hyperparameters = dict(config["hyperparameters"])
         agent = algo_cls(
-            "MlpPolicy",
+            hyperparameters.pop("policy", "MlpPolicy"),
             config["env"],
             seed=config["seed"],
             num_threads=config["threads"],
             verbose=args.verbose,
-            **config["hyperparameters"],
+            **hyperparameters,
         )
         lock = RunDirLock(run_dir).acquire()
     try:
