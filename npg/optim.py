@@ -40,7 +40,13 @@ from torch.optim import Optimizer
 
 from npg.families import Bernoulli, Categorical, Family, GaussianRegression, get_family
 from npg.fisher import FisherOperator, KFACFisher, get_flavour, make_fisher
-from npg.fisher.kfac import ClosureFactors, KroneckerBlock, block_diagonal_mv
+from npg.fisher.kfac import (
+    ClosureFactors,
+    KroneckerBlock,
+    block_diagonal_mv,
+    inverse_from_state,
+    inverse_state,
+)
 from npg.model import FunctionalModel, Inputs, batch_norm_for_curvature, batch_size
 
 SUPPORTED_LOSSES = (
@@ -158,9 +164,7 @@ class _RunningKFAC:
         self.diag_slices: list[slice] = []
         self.diag_index: list[int] = []
         self.diag_values: list[Tensor] = []
-        self.inverses: list[tuple] | None = None
-        self.inverse_damping: float | None = None
-        self.inverted: list[KroneckerBlock] = []  # the blocks as of the inverses' refresh
+        self.inverse_damping: float | None = None  # of the blocks' current inverses
 
     def _attach(self, blocks: list[KroneckerBlock], diag_slices: list[slice]) -> None:
         self.blocks, self.diag_slices = blocks, list(diag_slices)
@@ -199,13 +203,11 @@ class _RunningKFAC:
         return [(b.module, b.bias is not None) for b in self.blocks]
 
     def refresh_inverses(self, damping: float) -> None:
-        """Recompute the damped inverses of the current averages (and keep those averages)."""
-        self.inverses = [b.damped_inverse(damping, self.inverse) for b in self.blocks]
+        """Each block inverts its current averages (and keeps them); see
+        :meth:`KroneckerBlock.refresh_inverse`."""
+        for b in self.blocks:
+            b.refresh_inverse(damping, self.inverse)
         self.inverse_damping = damping
-        self.inverted = [
-            KroneckerBlock(b.module, b.weight, b.bias, b.A.clone(), b.G.clone())
-            for b in self.blocks
-        ]
 
     def mv(self, v: Tensor) -> Tensor:
         """``F̂ v`` with the averaged factors."""
@@ -214,7 +216,8 @@ class _RunningKFAC:
     def inverted_mv(self, v: Tensor) -> Tensor:
         """``F̂₀ v`` with the curvature the stored inverses invert (the Kronecker factors of
         their refresh; the diagonal blocks are inverted afresh at every step)."""
-        return block_diagonal_mv(self.inverted, self.diag_slices, self.diag_values, v)
+        inverted = [b.inverted_block() for b in self.blocks]
+        return block_diagonal_mv(inverted, self.diag_slices, self.diag_values, v)
 
     def precondition(
         self, grads: list[Tensor], curvature: str | None
@@ -223,20 +226,21 @@ class _RunningKFAC:
         the stored inverses (``F̂₀`` and ``λ`` are those of their refresh); with ``curvature``
         ``"dot"`` also the ``(1,)`` tensor ``[gᵀx]``, with ``"form"`` the ``(2,)`` tensor
         ``[gᵀx, xᵀF̂₀x]`` (see :meth:`inverted_mv`), else ``None``."""
-        if self.inverses is None:
+        if self.inverse_damping is None:
             raise RuntimeError("K-FAC inverses were never computed")
         form = curvature == "form"
         parts: list[Tensor] = list(grads)  # every entry is replaced below
         sums: list[Tensor] = []  # per block: gᵀx, or [gᵀx, xᵀF̂₀x]
-        for inv, (iw, ib) in zip(self.inverses, self.layout, strict=True):
+        for block, (iw, ib) in zip(self.blocks, self.layout, strict=True):
+            inv = block.inverse
             g_w = grads[iw]
             gw = g_w.reshape(g_w.shape[0], -1)  # (dG, dA without the bias)
             m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
             if form:
-                x, block_sums = KroneckerBlock.apply_inverse_with_form(inv, m)
+                x, block_sums = inv.apply_with_form(m)
                 sums.append(block_sums)
             else:
-                x = KroneckerBlock.apply_inverse(inv, m)
+                x = inv.apply(m)
                 if curvature:
                     sums.append(torch.dot(m.reshape(-1), x.reshape(-1)))
             x_w = x if ib is None else x[:, :-1]
@@ -261,30 +265,29 @@ class _RunningKFAC:
         return torch.cat([p.reshape(-1) for p in parts])
 
     def state(self) -> dict[str, Any]:
+        """The averages and the blocks' inverses as plain tensors (``weights_only`` loadable)."""
+        ready = self.inverse_damping is not None
         return {
             "A": [b.A for b in self.blocks],
             "G": [b.G for b in self.blocks],
             "diag": list(self.diag_values),
-            "inverses": self.inverses,
+            "inverses": [inverse_state(b.inverse) for b in self.blocks] if ready else None,
+            "inverted": [b.inverted for b in self.blocks] if ready else None,
             "inverse_damping": self.inverse_damping,
-            "inverted": [(b.A, b.G) for b in self.inverted],
         }
 
     def load(self, state: Mapping[str, Any], fisher_template: KFACFisher) -> None:
+        """Restore :meth:`state` onto the layers of ``fisher_template``."""
         blocks = [
             KroneckerBlock(b.module, b.weight, b.bias, a, g)
             for b, a, g in zip(fisher_template.blocks, state["A"], state["G"], strict=True)
         ]
         self._attach(blocks, fisher_template.diag_slices)
         self.diag_values = list(state["diag"])
-        # a state without the inverted factors (older versions) gets fresh inverses next step
-        inverted = state.get("inverted")
-        self.inverses = state["inverses"] if inverted is not None else None
         self.inverse_damping = state["inverse_damping"]
-        self.inverted = [
-            KroneckerBlock(b.module, b.weight, b.bias, a, g)
-            for b, (a, g) in zip(blocks, inverted or [], strict=False)
-        ]
+        if self.inverse_damping is not None:
+            for b, inv, (a, g) in zip(blocks, state["inverses"], state["inverted"], strict=True):
+                b.inverse, b.inverted = inverse_from_state(inv), (a, g)
 
 
 # --- the optimizer -------------------------------------------------------------------------------
@@ -557,7 +560,7 @@ class NGD(Optimizer):
             op = self._fisher_operator("kfac", inputs, targets, family, seed)
             self._kfac.update(op, self.kfac_decay)
             info["kfac_factors_updated"] = True
-        if step % self.kfac_inv_interval == 0 or self._kfac.inverses is None:
+        if step % self.kfac_inv_interval == 0 or self._kfac.inverse_damping is None:
             self._kfac.refresh_inverses(mu)
             info["kfac_inverses_updated"] = True
         return self._kfac.inverted_mv, self._kfac.solve, info

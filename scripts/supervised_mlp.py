@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from npg.fisher.kfac import KroneckerBlock
+from npg.fisher.kfac import KroneckerBlock, PiDampedInverse
 from npg.optim import NGD
 from scripts._supervised_common import make_closure, plot_curves, print_table, setup, write_csv
 from scripts._supervised_common import parser as common_parser
@@ -374,8 +374,8 @@ def step_breakdown(sgd_cfg, kfac_cfgs: dict, data, steps: int = 2000) -> None:
         block = KroneckerBlock(layer, slice(0), slice(0), a.T @ a / 256, g.T @ g / 256)
         layers.append((block.damped_inverse(1e-2, "pi"), torch.randn(dg, da, generator=gen)))
     for part, apply in (
-        ("the step's products alone (Ĝ⁻¹MÂ⁻¹, 2 per layer)", KroneckerBlock.apply_inverse),
-        ("with the exact KL form (3 per layer + dots)", KroneckerBlock.apply_inverse_with_form),
+        ("the step's products alone (Ĝ⁻¹MÂ⁻¹, 2 per layer)", PiDampedInverse.apply),
+        ("with the exact KL form (3 per layer + dots)", PiDampedInverse.apply_with_form),
     ):
         rows.append(
             dict(part=part, us=median_us(lambda f=apply: [f(inv, m) for inv, m in layers], steps))

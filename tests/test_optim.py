@@ -268,7 +268,10 @@ def test_damped_kl_model_bounds_the_damped_curvature(fisher):
     if fisher == "exact":
         damped = 0.5 * delta @ (fisher_dense + lam * torch.eye(delta.numel())) @ delta
     else:  # Ĝ and Â are the inverses of the stored π-damped inverses
-        pairs = [(torch.linalg.inv(inv[1]), torch.linalg.inv(inv[2])) for inv in opt._kfac.inverses]
+        pairs = [
+            (torch.linalg.inv(b.inverse.g_inv), torch.linalg.inv(b.inverse.a_inv))
+            for b in opt._kfac.blocks
+        ]
         damped = _half_kronecker_form(_layer_matrices(model, delta), pairs)
     assert float(damped) == pytest.approx(max_kl, rel=1e-7)
     assert opt.last_info["kl"] == pytest.approx(max_kl, rel=1e-9)

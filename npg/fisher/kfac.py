@@ -32,6 +32,71 @@ LABELS = ("exact", "mc", "empirical")
 INVERSES = ("pi", "eigen")
 
 
+@dataclass(frozen=True)
+class PiDampedInverse:
+    """``(G + c_G I)⁻¹ ⊗ (A + c_A I)⁻¹`` of one block, ``c_G = γ/π``, ``c_A = πγ``, ``γ = √λ``.
+
+    ``form_weights`` weigh ``⟨X, M⟩, ⟨X, ĜX⟩, ⟨X, XÂ⟩, ⟨X, X⟩`` into ``[⟨X, M⟩, ⟨X, GXA⟩]``
+    (see :meth:`apply_with_form`).
+    """
+
+    g_inv: Tensor
+    a_inv: Tensor
+    form_weights: Tensor
+
+    def apply(self, m: Tensor) -> Tensor:
+        """``Ĝ⁻¹ M Â⁻¹`` for a ``(dG, dA)`` matrix view ``M``."""
+        return self.g_inv @ m @ self.a_inv
+
+    def apply_with_form(self, m: Tensor) -> tuple[Tensor, Tensor]:
+        """``X`` of :meth:`apply` and ``[⟨X, M⟩, ⟨X, G X A⟩]`` for the block inverted, with no
+        product by ``G`` or ``A``: with ``Y = Ĝ⁻¹M = XÂ`` and ``Z = MÂ⁻¹ = ĜX``,
+        ``⟨X, GXA⟩ = ⟨X,M⟩ - c_A⟨X,Z⟩ - c_G⟨X,Y⟩ + c_G c_A⟨X,X⟩``: three products (``X`` from
+        the cheaper of ``YÂ⁻¹`` and ``Ĝ⁻¹Z``) instead of four."""
+        y, z = self.g_inv @ m, m @ self.a_inv
+        x = y @ self.a_inv if m.shape[0] >= m.shape[1] else self.g_inv @ z
+        dots = torch.stack((m, z, y, x)).view(4, -1) @ x.view(-1)
+        return x, dots @ self.form_weights
+
+
+@dataclass(frozen=True)
+class EigenInverse:
+    """``(block + λI)⁻¹`` in the Kronecker eigenbasis ``Q_G ⊗ Q_A``: ``denom = scale + λ`` with
+    ``scale`` the Kronecker (or EKFAC) eigenvalues, ``(dG, dA)``."""
+
+    qg: Tensor
+    qa: Tensor
+    denom: Tensor
+    scale: Tensor
+
+    def apply(self, m: Tensor) -> Tensor:
+        """``Q_G ((Q_Gᵀ M Q_A) / denom) Q_Aᵀ`` for a ``(dG, dA)`` matrix view ``M``."""
+        return self.qg @ ((self.qg.T @ m @ self.qa) / self.denom) @ self.qa.T
+
+    def apply_with_form(self, m: Tensor) -> tuple[Tensor, Tensor]:
+        """``X`` of :meth:`apply` and ``[⟨X, M⟩, Σ_ij U_ij² s_ij]`` with ``U = Q_Gᵀ X Q_A``, the
+        block's form ``⟨X, G X A⟩`` at no extra product."""
+        m_eig = self.qg.T @ m @ self.qa
+        u = m_eig / self.denom
+        forms = torch.stack((torch.sum(u * m_eig), torch.sum(u * u * self.scale)))
+        return self.qg @ u @ self.qa.T, forms
+
+
+BlockInverse = PiDampedInverse | EigenInverse
+
+
+def inverse_state(inverse: BlockInverse) -> dict[str, Tensor | str]:
+    """A plain dict of tensors for checkpoints (loadable with ``weights_only=True``)."""
+    kind = "pi" if isinstance(inverse, PiDampedInverse) else "eigen"
+    return {"kind": kind, **{k: getattr(inverse, k) for k in inverse.__dataclass_fields__}}
+
+
+def inverse_from_state(state: dict[str, Tensor | str]) -> BlockInverse:
+    """The inverse :func:`inverse_state` stored."""
+    fields = {k: v for k, v in state.items() if k != "kind"}
+    return PiDampedInverse(**fields) if state["kind"] == "pi" else EigenInverse(**fields)
+
+
 @dataclass
 class KroneckerBlock:
     """``G ⊗ A`` over one layer's ``[W | b]``; ``weight``/``bias`` are flat-vector slices."""
@@ -42,6 +107,9 @@ class KroneckerBlock:
     A: Tensor
     G: Tensor
     ekfac_scale: Tensor | None = None  # (dG, dA) eigenvalues in the Kronecker eigenbasis
+    #: the damped inverse of the last :meth:`refresh_inverse`, and the ``(A, G)`` it inverted
+    inverse: BlockInverse | None = field(default=None, repr=False)
+    inverted: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
     _eig_source: tuple | None = field(default=None, repr=False)
 
@@ -103,8 +171,19 @@ class KroneckerBlock:
             "(NGD's max_kl=, a smaller lr) or raise the damping"
         )
 
-    def damped_inverse(self, damping: float, method: str) -> tuple:
-        """A reusable representation of ``(block + λI)⁻¹`` for :meth:`apply_inverse`.
+    def refresh_inverse(self, damping: float, method: str) -> None:
+        """Invert the current factors (``block + λI``) and keep them as :attr:`inverted`."""
+        self.inverse = self.damped_inverse(damping, method)
+        self.inverted = (self.A.clone(), self.G.clone())
+
+    def inverted_block(self) -> KroneckerBlock:
+        """The block as of the last :meth:`refresh_inverse` (the curvature its inverse inverts)."""
+        if self.inverted is None:
+            raise RuntimeError("refresh_inverse was never called on this block")
+        return KroneckerBlock(self.module, self.weight, self.bias, *self.inverted)
+
+    def damped_inverse(self, damping: float, method: str) -> BlockInverse:
+        """A reusable ``(block + λI)⁻¹``.
 
         ``"pi"``: ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and
         ``π = sqrt((tr A / d_A) / (tr G / d_G))`` (Martens & Grosse 2015, §6.3).
@@ -126,7 +205,7 @@ class KroneckerBlock:
             denom = scale + damping
             if not bool((denom > 0).all()):
                 raise self._inversion_error(damping)
-            return ("eigen", qg, qa, denom, scale)
+            return EigenInverse(qg, qa, denom, scale)
         da, dg = self.A.shape[0], self.G.shape[0]
         trace_a, trace_g = torch.stack((self.A.trace(), self.G.trace())).tolist()
         ta, tg = trace_a / da, trace_g / dg
@@ -137,43 +216,9 @@ class KroneckerBlock:
             g_inv = _spd_inverse(self.G, gamma / pi)
         except torch.linalg.LinAlgError:
             raise self._inversion_error(damping) from None
-        # rows weigh <X, M>, <X, ĜX>, <X, XÂ>, <X, X> into [<X, M>, <X, G X A>] (see
-        # apply_inverse_with_form), with Ĝ = G + c_G I, Â = A + c_A I
         c_g, c_a = gamma / pi, pi * gamma
         weights = [[1.0, 1.0], [0.0, -c_a], [0.0, -c_g], [0.0, c_g * c_a]]
-        return ("pi", g_inv, a_inv, torch.tensor(weights, dtype=self.A.dtype, device=self.A.device))
-
-    @staticmethod
-    def apply_inverse(inverse: tuple, m: Tensor) -> Tensor:
-        """Apply a :meth:`damped_inverse` to a ``(dG, dA)`` matrix view."""
-        if inverse[0] == "pi":
-            return inverse[1] @ m @ inverse[2]
-        _, qg, qa, denom, _ = inverse
-        return qg @ ((qg.T @ m @ qa) / denom) @ qa.T
-
-    @staticmethod
-    def apply_inverse_with_form(inverse: tuple, m: Tensor) -> tuple[Tensor, Tensor]:
-        """``X`` of :meth:`apply_inverse` and the ``(2,)`` tensor ``[⟨X, M⟩, ⟨X, G X A⟩]``,
-        where ``G ⊗ A`` is the block the inverse was built from, with no product by ``G``
-        or ``A``.
-
-        ``"pi"``: with ``Y = Ĝ⁻¹M = XÂ`` and ``Z = MÂ⁻¹ = ĜX``,
-        ``⟨X, GXA⟩ = ⟨X, (Ĝ - c_G)X(Â - c_A)⟩ = ⟨X,M⟩ - c_A⟨X,Z⟩ - c_G⟨X,Y⟩ + c_G c_A⟨X,X⟩``:
-        three products (``X`` from the cheaper of ``YÂ⁻¹`` and ``Ĝ⁻¹Z``) instead of four.
-        ``"eigen"``: ``Σ_ij U_ij² s_ij`` with ``U = Q_Gᵀ X Q_A`` and ``s`` the Kronecker (or
-        EKFAC) eigenvalues, at no extra product.
-        """
-        if inverse[0] == "pi":
-            _, g_inv, a_inv, weights = inverse
-            y, z = g_inv @ m, m @ a_inv
-            x = y @ a_inv if m.shape[0] >= m.shape[1] else g_inv @ z
-            dots = torch.stack((m, z, y, x)).view(4, -1) @ x.view(-1)
-            return x, dots @ weights
-        _, qg, qa, denom, scale = inverse
-        m_eig = qg.T @ m @ qa
-        u = m_eig / denom
-        forms = torch.stack((torch.sum(u * m_eig), torch.sum(u * u * scale)))
-        return qg @ u @ qa.T, forms
+        return PiDampedInverse(g_inv, a_inv, self.A.new_tensor(weights))
 
 
 class KFACFisher(DirectlyInvertible):
@@ -276,7 +321,7 @@ class KFACFisher(DirectlyInvertible):
             ]
         out = torch.zeros_like(g)
         for b, inv in zip(self.blocks, inverses, strict=True):
-            b.scatter(b.apply_inverse(inv, b.matrix_view(g)), out)
+            b.scatter(inv.apply(b.matrix_view(g)), out)
         for s, d in zip(self.diag_slices, self.diag_values, strict=True):
             denom = d + damping
             if not bool((denom > 0).all()):
