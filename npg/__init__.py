@@ -34,6 +34,7 @@ from npg.fisher import (
 from npg.model import FunctionalModel
 from npg.natural import NaturalStep, natural_step
 from npg.optim import NGD, infer_likelihood
+from npg.precondition import KFACPreconditioner
 
 __all__ = [
     "FLAVOURS",
@@ -51,6 +52,7 @@ __all__ = [
     "FunctionalModel",
     "GaussianRegression",
     "KFACFisher",
+    "KFACPreconditioner",
     "MCFisher",
     "MultiCategorical",
     "NGD",
