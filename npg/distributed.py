@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from typing_extensions import override
 
 from npg.fisher import DiagonalFisher, FisherOperator, KFACFisher
 from npg.fisher.base import DirectlyInvertible
@@ -176,11 +177,13 @@ class DataParallelFisher(FisherOperator):
             return self.local.mv(v)
         return self._reduce(self.local.mv(v))
 
+    @override
     def to_dense(self) -> Tensor:
         if self.reduced:
             return self.local.to_dense()
         return self._reduce(self.local.to_dense())
 
+    @override
     def diagonal(self) -> Tensor:
         if self.reduced:
             return self.local.diagonal()

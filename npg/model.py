@@ -68,6 +68,7 @@ class FunctionalModel:
         return self._fn({**self.frozen, **params}, *args)
 
     def detached_params(self) -> dict[str, Tensor]:
+        """The selected parameters, detached (for forwards that build no graph)."""
         return {n: p.detach() for n, p in self.params.items()}
 
     # --- flat <-> per-parameter conversions -------------------------------------------------
@@ -145,10 +146,12 @@ def batch_norm_for_curvature(
 
 
 def batch_size(inputs: Inputs) -> int:
+    """The number of samples ``N`` in a batch of inputs."""
     return (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
 
 
 def index_inputs(inputs: Inputs, idx: Tensor | slice) -> Inputs:
+    """The rows ``idx`` of every input tensor."""
     if isinstance(inputs, tuple):
         return tuple(t[idx] for t in inputs)
     return inputs[idx]
@@ -194,6 +197,7 @@ class LinearStack:
     log_std: Tensor | None = None
 
     def parameters(self) -> list[Tensor]:
+        """The stack's parameters in the order of its flat vector."""
         params = [p for lin in self.layers for p in (lin.weight, lin.bias)]
         return params if self.log_std is None else [*params, self.log_std]
 

@@ -35,6 +35,7 @@ class NaturalStep:
 
     @property
     def ok(self) -> bool:
+        """Whether a step was taken (status ``ok``)."""
         return self.status == "ok"
 
 

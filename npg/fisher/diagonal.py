@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from npg.fisher._per_sample import output_scores, per_sample_grads, sampled_scores
 from npg.fisher.base import DirectlyInvertible
@@ -57,12 +58,15 @@ class DiagonalFisher(DirectlyInvertible):
     def _mv(self, v: Tensor) -> Tensor:
         return self.diag * v
 
+    @override
     def to_dense(self) -> Tensor:
         return torch.diag(self.diag)
 
+    @override
     def diagonal(self) -> Tensor:
         return self.diag.clone()
 
+    @override
     def inverse_mv(self, g: Tensor, damping: float = 0.0) -> Tensor:
         if not (damping >= 0 and math.isfinite(damping)):
             raise ValueError(f"damping must be a finite float >= 0, got {damping}")

@@ -121,6 +121,7 @@ class KroneckerBlock:
         return torch.cat([vw, v[self.bias].unsqueeze(1)], 1)
 
     def scatter(self, m: Tensor, out: Tensor) -> None:
+        """Write the ``(dG, dA)`` matrix ``m`` back into this layer's slices of ``out``."""
         n_in = m.shape[1] - (self.bias is not None)
         out[self.weight] = m[:, :n_in].reshape(-1)
         if self.bias is not None:
