@@ -38,8 +38,9 @@ from typing_extensions import override
 
 from npg.fisher import DiagonalFisher, FisherOperator, KFACFisher
 from npg.fisher.base import DirectlyInvertible
+from npg.likelihood import loss_identity
 from npg.model import batch_size
-from npg.optim import NGD, _loss_identity
+from npg.optim import NGD
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -244,7 +245,7 @@ class DistributedNGD(NGD):
         super().__init__(params, **kwargs)
         if self.fisher == "ekfac":
             raise NotImplementedError("DistributedNGD: EKFAC is not supported data-parallel")
-        if self.loss_fn is not None and _loss_identity(self.loss_fn)[1].get("reduction") == "sum":
+        if self.loss_fn is not None and loss_identity(self.loss_fn)[1].get("reduction") == "sum":
             raise ValueError("DistributedNGD needs a mean-reduced loss (reduction='mean')")
         self.group = group
         self.rank, self.world_size = world_info(group)

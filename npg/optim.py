@@ -27,267 +27,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from npg.families import Bernoulli, Categorical, Family, GaussianRegression, get_family
-from npg.fisher import FisherOperator, KFACFisher, get_flavour, make_fisher
-from npg.fisher.kfac import (
-    ClosureFactors,
-    KroneckerBlock,
-    block_diagonal_mv,
-    inverse_from_state,
-    inverse_state,
-)
+from npg.families import Family, get_family
+from npg.fisher import FisherOperator, get_flavour, make_fisher
+from npg.fisher.kfac import ClosureFactors
+from npg.likelihood import Likelihood, infer_likelihood, loss_identity
 from npg.model import FunctionalModel, Inputs, batch_norm_for_curvature, batch_size
+from npg.running_kfac import RunningKFAC
 
-SUPPORTED_LOSSES = (
-    "nn.CrossEntropyLoss / F.cross_entropy (Categorical)",
-    "nn.NLLLoss / F.nll_loss on log-probabilities (Categorical)",
-    "nn.BCEWithLogitsLoss / F.binary_cross_entropy_with_logits (Bernoulli)",
-    "nn.MSELoss / F.mse_loss (Gaussian)",
-)
+__all__ = ["NGD", "Likelihood", "infer_likelihood"]
+
 _STATE_KEY = "ngd"
-
-
-# --- likelihood inference --------------------------------------------------------------------
-@dataclass(frozen=True)
-class Likelihood:
-    """The likelihood family behind a loss and how the loss's curvature relates to its Fisher.
-
-    Attributes:
-        family: the :class:`~npg.families.Family` whose mean Fisher ``F`` the operators build.
-        reduction: ``"mean"`` or ``"sum"`` over the batch.
-        per_output_scale: ``s`` for a mean-reduced loss (``1/K`` for BCE over ``K`` outputs,
-            ``1`` otherwise); a sum-reduced loss has ``s = N``.
-        loss_name: the loss this was inferred from (for messages), or ``"family"``.
-    """
-
-    family: Family
-    reduction: str
-    per_output_scale: float = 1.0
-    loss_name: str = "family"
-
-    def scale(self, batch_size: int) -> float:
-        """``s`` with ``GGN(loss) = s · F`` for a batch of ``batch_size`` samples."""
-        return float(batch_size) if self.reduction == "sum" else self.per_output_scale
-
-
-def _loss_identity(loss_fn: Any) -> tuple[str, dict[str, Any]]:
-    """A canonical loss name and its keyword options, for modules, functions and partials."""
-    modules = {
-        nn.CrossEntropyLoss: "cross_entropy",
-        nn.NLLLoss: "nll",
-        nn.BCEWithLogitsLoss: "bce_with_logits",
-        nn.MSELoss: "mse",
-    }
-    for cls, name in modules.items():
-        if type(loss_fn) is cls:
-            opts = {"reduction": loss_fn.reduction}
-            for attr in ("weight", "pos_weight", "label_smoothing"):
-                opts[attr] = getattr(loss_fn, attr, None)
-            return name, opts
-    if isinstance(loss_fn, functools.partial):
-        name, opts = _loss_identity(loss_fn.func)
-        return name, {**opts, **loss_fn.keywords}
-    functions = {
-        F.cross_entropy: "cross_entropy",
-        F.nll_loss: "nll",
-        F.binary_cross_entropy_with_logits: "bce_with_logits",
-        F.mse_loss: "mse",
-    }
-    for fn, name in functions.items():
-        if loss_fn is fn:
-            return name, {"reduction": "mean"}
-    label = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
-    raise ValueError(
-        f"NGD cannot map the loss {label!r} to a likelihood; supported losses: "
-        f"{'; '.join(SUPPORTED_LOSSES)}. Otherwise pass family= explicitly."
-    )
-
-
-def infer_likelihood(loss_fn: Any, out_dim: int | None = None) -> Likelihood:
-    """The likelihood whose negative log is ``loss_fn`` (up to constants and a scale).
-
-    ``out_dim`` (the model's output width ``K``) is needed for ``MSELoss`` with mean reduction,
-    whose Gaussian has ``σ = √(K/2)`` so that its mean Fisher equals the loss's Gauss-Newton
-    matrix ``(2/(N·K)) Σ_i J_iᵀJ_i``. Raises ``ValueError`` naming the loss for anything else
-    (other losses, ``reduction="none"``, class weights, label smoothing).
-    """
-    name, opts = _loss_identity(loss_fn)
-    reduction = opts.get("reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"NGD needs a scalar loss; {name} has reduction={reduction!r}")
-    for attr in ("weight", "pos_weight"):
-        if opts.get(attr) is not None:
-            raise ValueError(f"NGD: {name} with {attr}= is not a likelihood it supports")
-    if opts.get("label_smoothing"):
-        raise ValueError(f"NGD: {name} with label_smoothing is not a likelihood it supports")
-    if name in ("cross_entropy", "nll"):
-        return Likelihood(Categorical(), reduction, 1.0, name)
-    if name == "bce_with_logits":
-        if reduction == "mean" and out_dim is None:
-            raise ValueError("BCEWithLogitsLoss with mean reduction needs the output width")
-        return Likelihood(Bernoulli(), reduction, 1.0 / (out_dim or 1), name)
-    # MSE: loss = c Σ_ik (y - out)²  with c = 1/(NK) (mean) or 1 (sum).
-    if reduction == "sum":
-        return Likelihood(GaussianRegression(math.sqrt(0.5)), "sum", 1.0, name)
-    if out_dim is None:
-        raise ValueError("MSELoss with mean reduction needs the output width")
-    return Likelihood(GaussianRegression(math.sqrt(out_dim / 2.0)), "mean", 1.0, name)
-
-
-# --- the running-average K-FAC curvature -------------------------------------------------------
-class _RunningKFAC:
-    """Exponential moving averages of K-FAC factors with inverses refreshed on demand.
-
-    ``params`` are the optimised parameters in the optimizer's (flat-vector) order; the blocks
-    are mapped to them once, so a step works on the per-parameter gradients directly.
-    """
-
-    def __init__(self, inverse: str, params: list[Tensor]) -> None:
-        self.inverse = inverse
-        self.shapes = [p.shape for p in params]
-        self.numels = [p.numel() for p in params]
-        starts = itertools.accumulate(self.numels, initial=0)
-        self._index = {start: i for i, start in enumerate(starts)}  # flat offset -> parameter
-        self.blocks: list[KroneckerBlock] = []
-        self.layout: list[tuple[int, int | None]] = []  # per block: weight, bias parameter
-        self.diag_slices: list[slice] = []
-        self.diag_index: list[int] = []
-        self.diag_values: list[Tensor] = []
-        self.inverse_damping: float | None = None  # of the blocks' current inverses
-
-    def _attach(self, blocks: list[KroneckerBlock], diag_slices: list[slice]) -> None:
-        self.blocks, self.diag_slices = blocks, list(diag_slices)
-        self.layout = [
-            (self._index[b.weight.start], None if b.bias is None else self._index[b.bias.start])
-            for b in blocks
-        ]
-        self.diag_index = [self._index[s.start] for s in self.diag_slices]
-
-    def update(self, fisher: KFACFisher, decay: float) -> None:
-        """Fold one batch's factors into the averages (the first batch initialises them)."""
-        if not self.blocks:
-            blocks = [
-                KroneckerBlock(b.module, b.weight, b.bias, b.A.clone(), b.G.clone())
-                for b in fisher.blocks
-            ]
-            self._attach(blocks, fisher.diag_slices)
-            self.diag_values = [d.clone() for d in fisher.diag_values]
-            return
-        self.fold([(b.A, b.G) for b in fisher.blocks], fisher.diag_values, decay)
-
-    def fold(
-        self, factors: Sequence[tuple[Tensor, Tensor]], diag: Sequence[Tensor], decay: float
-    ) -> None:
-        """Fold one batch's ``(A, G)`` per block and diagonal blocks into the averages, in
-        place and in one op for all factors: ``F̂ ← decay·F̂ + (1 - decay)·F_batch``."""
-        mine = [t for b in self.blocks for t in (b.A, b.G)] + self.diag_values
-        new = [t for pair in factors for t in pair] + list(diag)
-        torch._foreach_lerp_(mine, new, 1 - decay)
-
-    def closure_layers(self) -> list[tuple[nn.Module, bool]] | None:
-        """``(module, with_bias)`` per block when every parameter is in a Kronecker block (the
-        factors can then come from the closure's forward pass), else ``None``."""
-        if not self.blocks or self.diag_slices:
-            return None
-        return [(b.module, b.bias is not None) for b in self.blocks]
-
-    def refresh_inverses(self, damping: float) -> None:
-        """Each block inverts its current averages (and keeps them); see
-        :meth:`KroneckerBlock.refresh_inverse`."""
-        for b in self.blocks:
-            b.refresh_inverse(damping, self.inverse)
-        self.inverse_damping = damping
-
-    def mv(self, v: Tensor) -> Tensor:
-        """``F̂ v`` with the averaged factors."""
-        return block_diagonal_mv(self.blocks, self.diag_slices, self.diag_values, v)
-
-    def inverted_mv(self, v: Tensor) -> Tensor:
-        """``F̂₀ v`` with the curvature the stored inverses invert (the Kronecker factors of
-        their refresh; the diagonal blocks are inverted afresh at every step)."""
-        inverted = [b.inverted_block() for b in self.blocks]
-        return block_diagonal_mv(inverted, self.diag_slices, self.diag_values, v)
-
-    def precondition(
-        self, grads: list[Tensor], curvature: str | None
-    ) -> tuple[list[Tensor], Tensor | None]:
-        """``x = (F̂₀ + λI)⁻¹ g`` per parameter, for the per-parameter gradients ``grads``, with
-        the stored inverses (``F̂₀`` and ``λ`` are those of their refresh); with ``curvature``
-        ``"dot"`` also the ``(1,)`` tensor ``[gᵀx]``, with ``"form"`` the ``(2,)`` tensor
-        ``[gᵀx, xᵀF̂₀x]`` (see :meth:`inverted_mv`), else ``None``."""
-        if self.inverse_damping is None:
-            raise RuntimeError("K-FAC inverses were never computed")
-        form = curvature == "form"
-        parts: list[Tensor] = list(grads)  # every entry is replaced below
-        sums: list[Tensor] = []  # per block: gᵀx, or [gᵀx, xᵀF̂₀x]
-        for block, (iw, ib) in zip(self.blocks, self.layout, strict=True):
-            inv = block.inverse
-            g_w = grads[iw]
-            gw = g_w.reshape(g_w.shape[0], -1)  # (dG, dA without the bias)
-            m = gw if ib is None else torch.cat((gw, grads[ib].unsqueeze(1)), 1)  # [W | b]
-            if form:
-                x, block_sums = inv.apply_with_form(m)
-                sums.append(block_sums)
-            else:
-                x = inv.apply(m)
-                if curvature:
-                    sums.append(torch.dot(m.reshape(-1), x.reshape(-1)))
-            x_w = x if ib is None else x[:, :-1]
-            parts[iw] = x_w if x_w.shape == g_w.shape else x_w.reshape(g_w.shape)
-            if ib is not None:
-                parts[ib] = x[:, -1]
-        for i, d in zip(self.diag_index, self.diag_values, strict=True):
-            g, d = grads[i], d.view_as(grads[i])
-            parts[i] = x = g / (d + self.inverse_damping)
-            if curvature:
-                gx = torch.sum(g * x)
-                sums.append(torch.stack((gx, torch.sum(d * x * x))) if form else gx)
-        if not curvature:
-            return parts, None
-        return parts, functools.reduce(torch.add, sums).reshape(-1)
-
-    def solve(self, g: Tensor, damping: float) -> Tensor:
-        """``(F̂ + λI)⁻¹ g`` for a flat vector (``damping`` is ignored: the stored inverses
-        carry the damping of their refresh)."""
-        grads = [c.view(s) for c, s in zip(g.split(self.numels), self.shapes, strict=True)]
-        parts, _ = self.precondition(grads, curvature=None)
-        return torch.cat([p.reshape(-1) for p in parts])
-
-    def state(self) -> dict[str, Any]:
-        """The averages and the blocks' inverses as plain tensors (``weights_only`` loadable)."""
-        ready = self.inverse_damping is not None
-        return {
-            "A": [b.A for b in self.blocks],
-            "G": [b.G for b in self.blocks],
-            "diag": list(self.diag_values),
-            "inverses": [inverse_state(b.inverse) for b in self.blocks] if ready else None,
-            "inverted": [b.inverted for b in self.blocks] if ready else None,
-            "inverse_damping": self.inverse_damping,
-        }
-
-    def load(self, state: Mapping[str, Any], fisher_template: KFACFisher) -> None:
-        """Restore :meth:`state` onto the layers of ``fisher_template``."""
-        blocks = [
-            KroneckerBlock(b.module, b.weight, b.bias, a, g)
-            for b, a, g in zip(fisher_template.blocks, state["A"], state["G"], strict=True)
-        ]
-        self._attach(blocks, fisher_template.diag_slices)
-        self.diag_values = list(state["diag"])
-        self.inverse_damping = state["inverse_damping"]
-        if self.inverse_damping is not None:
-            for b, inv, (a, g) in zip(blocks, state["inverses"], state["inverted"], strict=True):
-                b.inverse, b.inverted = inverse_from_state(inv), (a, g)
 
 
 # --- the optimizer -------------------------------------------------------------------------------
@@ -408,7 +165,7 @@ class NGD(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("NGD supports a single parameter group (its step couples them all)")
         if loss_fn is not None:
-            _loss_identity(loss_fn)  # fail early on an unsupported loss
+            loss_identity(loss_fn)  # fail early on an unsupported loss
         self.model = model
         self._batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
@@ -431,7 +188,7 @@ class NGD(Optimizer):
             Likelihood(get_family(family), "mean") if family is not None else None
         )
         self._batch: tuple[Inputs | None, Tensor | None] = (None, None)
-        self._kfac: _RunningKFAC | None = None
+        self._kfac: RunningKFAC | None = None
         self._pending_kfac_state: Mapping[str, Any] | None = None
         self._captured_factors: list[tuple[Tensor, Tensor]] | None = None
         self.last_info: dict[str, Any] = {}
@@ -544,7 +301,7 @@ class NGD(Optimizer):
         info: dict[str, Any] = {}
         seed = self.seed + step
         if self._kfac is None:
-            self._kfac = _RunningKFAC(self.kfac_inverse, self._flat_params)
+            self._kfac = RunningKFAC(self.kfac_inverse, self._flat_params)
         due = step % self.kfac_cov_interval == 0
         if self._pending_kfac_state is not None:  # reattach loaded averages to the layers
             op = self._fisher_operator("kfac", inputs, targets, family, seed)
@@ -738,4 +495,4 @@ class NGD(Optimizer):
             self._kfac = None
             self._pending_kfac_state = kfac
             if kfac is not None and self.fisher == "kfac":
-                self._kfac = _RunningKFAC(self.kfac_inverse, self._flat_params)
+                self._kfac = RunningKFAC(self.kfac_inverse, self._flat_params)
