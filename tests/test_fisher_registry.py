@@ -44,6 +44,18 @@ def _flat(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def _step(opt: NGD, model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> None:
+    """One NGD step on the batch ``(x, y)``."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, inputs=x, targets=y)
+
+
 @pytest.mark.usefixtures("twice", "float64")
 def test_a_registered_flavour_works_in_make_fisher_and_ngd() -> None:
     model, x, y = _problem()
@@ -57,14 +69,7 @@ def test_a_registered_flavour_works_in_make_fisher_and_ngd() -> None:
     g = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
     g = torch.cat([t.reshape(-1) for t in g])
     before = _flat(model)
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure, inputs=x, targets=y)
+    _step(opt, model, loss_fn, x, y)
     lam = opt.damping
     expected = -0.5 * torch.linalg.solve(2 * dense + lam * torch.eye(len(g)), g)
     torch.testing.assert_close(_flat(model) - before, expected, rtol=1e-7, atol=1e-12)
@@ -115,14 +120,7 @@ def test_sampled_flavours_clip_with_the_exact_fishers_kl(fisher: str) -> None:
     loss_fn = nn.CrossEntropyLoss()
     opt = NGD(model.parameters(), model=model, loss_fn=loss_fn, fisher=fisher, max_kl=1e-3)
     before = _flat(model)
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure, inputs=x, targets=y)
+    _step(opt, model, loss_fn, x, y)
     delta = _flat(model) - before
     kl = 0.5 * float(delta @ dense @ delta)
     assert opt.last_info["kl"] == pytest.approx(kl, rel=1e-8)
