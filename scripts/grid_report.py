@@ -413,7 +413,7 @@ def efficiency_table(erows: list[dict[str, Any]]) -> str:
     for r in erows:
         reached = math.isfinite(r["steps"])
         steps = f"{r['steps']:.0f}" if reached else "not reached"
-        ratio = f"{r['ratio']:.2f}" if reached else "—"
+        ratio = f"{r['ratio']:.3f}" if reached else "—"
         md.append(
             f"| {r['task']} | {r['variant']} | {r['seeds']} ({r['reference_seeds']}) "
             f"| {r['threshold']:.1f} | {steps} | {r['reference_steps']:.0f} | {ratio} "

@@ -203,5 +203,5 @@ def test_efficiency_against_a_hand_computed_case() -> None:
     assert fast["ratio"] == 0.75 and fast["best_mean_return"] == 5.5
     assert math.isnan(slow["steps"]) and slow["reference_steps"] == 40.0
     table = gr.efficiency_table([fast, slow])
-    assert "| T | fast | 2 (2) | 4.0 | 30 | 40 | 0.75 | 5.5 |" in table
+    assert "| T | fast | 2 (2) | 4.0 | 30 | 40 | 0.750 | 5.5 |" in table
     assert "| T | slow | 1 (2) | 4.0 | not reached | 40 | — | 3.0 |" in table
