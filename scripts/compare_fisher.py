@@ -66,6 +66,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "kfac-nac-empirical": ("kfac-nac", dict(kfac_labels="empirical")),
     "trpo-mc-pcg": ("trpo", dict(fisher="mc", preconditioner="kfac")),
     "npg-exact": ("npg", dict(fisher="exact")),
+    # K-FAC NAC's preset against one change each, for tuning on held-out seeds (kfac_nac.md)
+    "kfac-nac-d0.02": ("kfac-nac", dict(max_kl=0.02)),
+    "kfac-nac-lr1": ("kfac-nac", dict(lr=1.0)),
+    "kfac-nac-damping0.1": ("kfac-nac", dict(damping=0.1)),
 }
 #: the short-budget study of docs/fisher_comparison.md (trpo-mc-pcg trimmed for time)
 DEFAULT_VARIANTS = list(VARIANTS)[:9]
