@@ -517,6 +517,8 @@ class OnPolicyNaturalAlgorithm:
         valid = batch.valid.reshape(-1)
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
         obs = obs_all if keep is None else obs_all[keep.to(dev)]
+        if self.overlap_critic and obs.data_ptr() == batch.obs.data_ptr():
+            obs = obs.clone()  # the critic fit may outlast the batch: the next rollout refills it
         actions = batch.actions.reshape(t * e, *batch.actions.shape[2:])
         advantages = adv.reshape(-1)
         returns = ret.reshape(-1)

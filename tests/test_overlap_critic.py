@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,19 @@ def _assert_same(a, b) -> None:
     assert _equal(a.vf_optimizer.state_dict(), b.vf_optimizer.state_dict())
 
 
+@pytest.fixture
+def slow_fit(monkeypatch):
+    """Start every background critic fit 50 ms late, so that it reads its inputs while the
+    next rollout runs (a fit sharing a buffer with the rollout would then differ)."""
+    real_fit = agents.critic.fit_critic
+
+    def fit(*args):
+        time.sleep(0.05)
+        return real_fit(*args)
+
+    monkeypatch.setattr(agents.critic, "fit_critic", fit)
+
+
 def _watch_overlap(agent) -> list[bool]:
     """Record, per rollout, whether it started with the last update's critic fit pending."""
     seen: list[bool] = []
@@ -72,7 +86,7 @@ def _watch_overlap(agent) -> list[bool]:
         (NPG, "Pendulum-v1", {"fisher": "mc", "fisher_subsample": 0.5}),
     ],
 )
-def test_whole_run_is_bit_identical_with_and_without_overlap(cls, env_id, extra) -> None:
+def test_whole_run_is_bit_identical_with_and_without_overlap(cls, env_id, extra, slow_fit) -> None:
     runs = []
     for overlap in (False, True):
         rows: list[dict] = []
@@ -88,7 +102,7 @@ def test_whole_run_is_bit_identical_with_and_without_overlap(cls, env_id, extra)
     assert list(rows_a[0]) == list(rows_b[0])  # same columns, same order
 
 
-def test_save_mid_run_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_save_mid_run_and_resume_match_an_uninterrupted_run(tmp_path: Path, slow_fit) -> None:
     full: list[dict] = []
     ref = TRPO("MlpPolicy", "Pendulum-v1", normalize_obs=True, **SMALL)
     ref.learn(6 * 128, callback=full.append)
@@ -104,8 +118,15 @@ def test_save_mid_run_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> N
     assert _rows(full) == _rows(first + rest)
 
 
-def test_save_while_the_fit_is_in_flight_saves_the_fitted_critic(tmp_path: Path) -> None:
+def test_save_while_the_fit_is_in_flight_saves_the_fitted_critic(monkeypatch, tmp_path) -> None:
     ref = TRPO("MlpPolicy", "CartPole-v1", **SMALL).learn(2 * 128)
+    real_fit = agents.critic.fit_critic
+
+    def slow_fit(*args):
+        time.sleep(0.3)  # still in flight when save() is called
+        return real_fit(*args)
+
+    monkeypatch.setattr(agents.critic, "fit_critic", slow_fit)
     agent = TRPO("MlpPolicy", "CartPole-v1", overlap_critic=True, **SMALL)
     real = agent.collector.collect
     calls = {"n": 0}
@@ -124,7 +145,9 @@ def test_save_while_the_fit_is_in_flight_saves_the_fitted_critic(tmp_path: Path)
         assert torch.equal(saved.policy.critic.state_dict()[k], v), k
 
 
-def test_periodic_checkpoints_and_sigint_in_a_rollout_resume_exactly(tmp_path: Path) -> None:
+def test_periodic_checkpoints_and_sigint_in_a_rollout_resume_exactly(
+    tmp_path: Path, slow_fit
+) -> None:
     full: list[dict] = []
     ref = TRPO("MlpPolicy", "CartPole-v1", **SMALL)
     ref.learn(6 * 128, callback=full.append)
@@ -157,7 +180,7 @@ def test_periodic_checkpoints_and_sigint_in_a_rollout_resume_exactly(tmp_path: P
     _assert_same(ref, c)
 
 
-def test_callback_stop_leaves_the_agent_at_that_update() -> None:
+def test_callback_stop_leaves_the_agent_at_that_update(slow_fit) -> None:
     def stop_at_3(m: dict) -> bool:
         return m["update"] < 3
 
