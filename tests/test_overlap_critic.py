@@ -230,3 +230,30 @@ def test_kfac_nac_keeps_its_critic_fit_in_the_update() -> None:
             assert seen == [False] * 3
             runs.append(agent)
         _assert_same(*runs)
+
+
+def test_an_error_in_the_next_rollout_leaves_the_critic_fitted(monkeypatch) -> None:
+    ref = TRPO("MlpPolicy", "CartPole-v1", **SMALL).learn(2 * 128)
+    real_fit = agents.critic.fit_critic
+
+    def slow_fit(*args):
+        time.sleep(0.3)  # still in flight when the rollout fails
+        return real_fit(*args)
+
+    monkeypatch.setattr(agents.critic, "fit_critic", slow_fit)
+    agent = TRPO("MlpPolicy", "CartPole-v1", overlap_critic=True, **SMALL)
+    real_step = agent.env.step
+    calls = {"n": 0}
+
+    def step(actions):
+        calls["n"] += 1
+        if calls["n"] == 64 * 2 + 5:  # inside the 3rd rollout, update 2's fit in flight
+            raise OSError("env crashed")
+        return real_step(actions)
+
+    agent.env.step = step
+    with pytest.raises(Exception, match="env crashed"):
+        agent.learn(5 * 128)
+    assert agent._pending is None
+    for k, v in ref.policy.critic.state_dict().items():
+        assert torch.equal(agent.policy.critic.state_dict()[k], v), k
