@@ -122,9 +122,9 @@ class _Update:
     values_flat: Tensor
     actor_before: Tensor
     critic_before: Tensor
-    #: ``(time_rollout, time_total)``, or ``(time_rollout, perf_counter at the update's start)``
-    #: while the update is still running
-    times: tuple[float, float] = (0.0, 0.0)
+    t_start: float = 0.0  # perf_counter when its rollout began
+    t_rollout: float = 0.0
+    t_total: float | None = None  # rollout + update, if it was measured before the fit ended
     #: overlap_critic: the update boundary's state but for the models (``_capture_progress``)
     progress: dict[str, Any] | None = None
 
@@ -296,6 +296,13 @@ class OnPolicyNaturalAlgorithm:
         With ``checkpoints``, a checkpoint is written every ``checkpoint_every`` updates (0:
         never periodically) and on SIGINT/SIGTERM, which then raise
         :class:`TrainingInterrupted` after saving.
+
+        With ``overlap_critic`` (and no SB3 callback), the scripted critic fit of update k runs
+        during rollout k+1, and update k ends after it: its metrics, callback, boundary state and
+        checkpoint come then (all as without the option, bit for bit; ``save()`` meanwhile waits
+        for the fit). A callback's ``False`` drops rollout k+1 by restoring update k's boundary
+        (exact where the envs support state snapshots, as on SIGINT), and a diverged critic is
+        raised there. The last update of a ``learn()`` ends before it returns.
         """
         if reset_num_timesteps:
             self.num_timesteps = 0
@@ -346,36 +353,23 @@ class OnPolicyNaturalAlgorithm:
                         sb3_callback.rollout_end()
                     update = self._start_update(batch)
                     self.num_updates += 1
-                    eps = self.collector.episodes
-                    update.metrics = {
-                        "update": self.num_updates,
-                        "timesteps": self.num_timesteps,
-                        "ep_return_mean": float(np.mean([r for r, _ in eps]))
-                        if eps
-                        else float("nan"),
-                        "ep_length_mean": float(np.mean([n for _, n in eps]))
-                        if eps
-                        else float("nan"),
-                        "episodes": self.collector.episodes_in_rollout,
-                        "dropped": batch.dropped,
-                        **update.metrics,
-                    }
+                    update.metrics = {**self._rollout_metrics(batch), **update.metrics}
+                    update.t_start, update.t_rollout = t0, t_rollout
                     self._pending = update
                     if (
                         overlap
-                        and update.background is not None
-                        and self.num_timesteps < target
+                        and update.background is not None  # the scripted fit is running
+                        and self.num_timesteps < target  # another rollout follows
                         and self._interrupt is None
                         and divergence_cause(self.policy, update.metrics, self.max_kl, False)
-                        is None
+                        is None  # the actor is sound (the critic is checked when it is fitted)
                     ):
-                        # the update ends after the next rollout: its state but for the models
-                        # is the boundary's now (the models are captured when the fit is done)
+                        # The update ends after the next rollout; all of its boundary state
+                        # but the models is captured now (the models when the fit is done).
                         self._sync_rollout_policy(critic=False)
                         update.progress = self._capture_progress()
-                        update.times = (t_rollout, time.perf_counter() - t0)
+                        update.t_total = time.perf_counter() - t0
                         continue
-                    update.times = (t_rollout, t0)
                     keep_going = self._end_update(callback, checkpoints, checkpoint_every)
                     if keep_going is False:
                         break
@@ -401,13 +395,11 @@ class OnPolicyNaturalAlgorithm:
         assert update is not None
         metrics = self._finish_update(update)
         self._sync_rollout_policy()
-        t_rollout, t_total = update.times
-        if update.progress is None:  # it ends now
-            t_total = time.perf_counter() - t_total
+        t_total = update.t_total or time.perf_counter() - update.t_start
         t_start, steps_start = self._fps_origin
         metrics = {
             **metrics,
-            "time_rollout": t_rollout,
+            "time_rollout": update.t_rollout,
             "time_total": t_total,
             "steps_per_s": self.n_steps * self.n_envs / t_total,
             "fps": (self.num_timesteps - steps_start) / (time.perf_counter() - t_start),
@@ -430,6 +422,18 @@ class OnPolicyNaturalAlgorithm:
         if self._interrupt is not None:
             self._stop_on_signal(checkpoints)
         return keep_going
+
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, Any]:
+        """The first columns of an update's metrics: counters and episode statistics."""
+        eps = self.collector.episodes
+        return {
+            "update": self.num_updates,
+            "timesteps": self.num_timesteps,
+            "ep_return_mean": float(np.mean([r for r, _ in eps])) if eps else float("nan"),
+            "ep_length_mean": float(np.mean([n for _, n in eps])) if eps else float("nan"),
+            "episodes": self.collector.episodes_in_rollout,
+            "dropped": batch.dropped,
+        }
 
     def _record_signal(self, signum: int) -> None:
         """A SIGINT/SIGTERM arrived: stop at the next update boundary."""
