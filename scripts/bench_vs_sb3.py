@@ -221,15 +221,24 @@ def run_ours(
         **hp,
     )
     metrics: list[dict[str, Any]] = []
+    clocks: list[tuple[float, float]] = []  # (wall, process CPU) at every update's report
+
+    def record(m: dict[str, Any]) -> None:
+        metrics.append(m)
+        clocks.append((time.perf_counter(), time.process_time()))
+
     t0, c0 = time.perf_counter(), time.process_time()
-    model.learn(steps, callback=metrics.append)
+    model.learn(steps, callback=record)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # one iteration (rollout + update) in the steady state: between consecutive reports
+    between = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(clocks, clocks[1:], strict=False)]
     update = [m["time_total"] - m["time_rollout"] for m in metrics]
 
     def act(obs: np.ndarray) -> Any:
         return model.predict(obs, deterministic=True)[0]
 
-    returns = _evaluate(act, env_id, episodes) if episodes else [float("nan")]
+    nan = float("nan")
+    returns = _evaluate(act, env_id, episodes) if episodes else [nan]
     split = {
         f"{k}_total": sum(m[k] for m in metrics)
         for k in ("time_rollout", "time_fisher_cg", "time_line_search", "time_critic")
@@ -242,6 +251,8 @@ def run_ours(
         "update_s_median": statistics.median(update),
         "update_cpu_s_median": statistics.median(train_cpu),
         "update_s_total": sum(update),
+        "iteration_s_median": statistics.median(w for w, _ in between) if between else nan,
+        "iteration_cpu_s_median": statistics.median(c for _, c in between) if between else nan,
         "eval_return": float(np.mean(returns)),
         "max_kl": hp["max_kl"],
         "params_digest": content_digest(
@@ -287,9 +298,11 @@ def _spawn(
 
 
 def overlap_compare(args: argparse.Namespace, out: Path) -> int:
-    """Ours with ``overlap_critic`` off and on (the order flips on every seed): wall and process
-    CPU time per update (of the whole ``learn()``: rollouts included), the 1-minute load average
-    around each run, and whether both modes end with bit-identical parameters."""
+    """Ours with ``overlap_critic`` off and on (the order flips on every seed): per update, the
+    whole ``learn()``'s wall and process CPU time over its updates, and the steady-state medians
+    of one iteration (rollout + update: the intervals between consecutive update reports, so the
+    first update with TorchScript's compilation is left out); the 1-minute load average before
+    each run; and whether both modes end with bit-identical parameters."""
     rows: list[dict[str, Any]] = []
     for env_id, steps in zip(args.envs, args.steps, strict=True):
         for i, seed in enumerate(args.seeds):
@@ -297,30 +310,34 @@ def overlap_compare(args: argparse.Namespace, out: Path) -> int:
                 load = os.getloadavg()[0]
                 r = _spawn("ours", env_id, steps, seed, args.eval_episodes, args.kl_match, overlap)
                 row = {"env": env_id, "steps": steps, "seed": seed, "overlap_critic": overlap}
-                row.update(r, load_before=load, load_after=os.getloadavg()[0])
-                row["wall_ms_per_update"] = 1e3 * r["wall_s"] / r["updates"]
-                row["cpu_ms_per_update"] = 1e3 * r["cpu_s"] / r["updates"]
+                row.update(r, load_before=load)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     with open(out / f"bench_overlap{args.tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(
-        f"{'env':12s} {'seed':>4s} {'wall ms/upd off':>16s} {'on':>7s} {'CPU ms/upd off':>15s} {'on':>7s}"
-    )
+    print("ms per update, overlap_critic off / on (learn: whole run / updates; iter: median)")
+    print("env         seed  learn wall     learn CPU      iter wall      iter CPU       load")
     for env_id in args.envs:
         for seed in args.seeds:
             off, on = (
                 next(r for r in rows if (r["env"], r["seed"], r["overlap_critic"]) == key)
                 for key in ((env_id, seed, False), (env_id, seed, True))
             )
+            cells = [
+                f"{1e3 * off[k] / n(off):6.0f} / {1e3 * on[k] / n(on):<4.0f}"
+                for k, n in (
+                    ("wall_s", lambda r: r["updates"]),
+                    ("cpu_s", lambda r: r["updates"]),
+                    ("iteration_s_median", lambda r: 1),
+                    ("iteration_cpu_s_median", lambda r: 1),
+                )
+            ]
+            same = off["params_digest"] == on["params_digest"]
             print(
-                f"{env_id:12s} {seed:4d} {off['wall_ms_per_update']:16.1f} "
-                f"{on['wall_ms_per_update']:7.1f} {off['cpu_ms_per_update']:15.1f} "
-                f"{on['cpu_ms_per_update']:7.1f}  load {off['load_before']:.2f}/"
-                f"{on['load_before']:.2f}  bit-identical "
-                f"{off['params_digest'] == on['params_digest']}"
+                f"{env_id:10s} {seed:4d}  {'  '.join(cells)}  "
+                f"{off['load_before']:.2f} / {on['load_before']:.2f}  bit-identical {same}"
             )
     return 0
 
