@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,26 @@ def explained_variance(pred: Tensor, target: Tensor) -> float:
     """``1 - Var[target - pred] / Var[target]`` (NaN when the target is constant)."""
     var = float(target.var())
     return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
+
+
+@dataclass
+class _Update:
+    """One update between its policy step and the end of its critic fit."""
+
+    number: int
+    metrics: dict[str, Any]  # the policy step's; the critic's are added when the fit is done
+    background: BackgroundFit | None  # the critic fit in flight (None: it runs when finished)
+    obs: Tensor
+    returns: Tensor
+    perms: Tensor
+    values_flat: Tensor
+    actor_before: Tensor
+    critic_before: Tensor
+    t_start: float = 0.0  # perf_counter when its rollout began
+    t_rollout: float = 0.0
+    t_total: float | None = None  # rollout + update, if it was measured before the fit ended
+    #: overlap_critic: the update boundary's state but for the models (``_capture_progress``)
+    progress: dict[str, Any] | None = None
 
 
 class OnPolicyNaturalAlgorithm:
@@ -220,6 +241,8 @@ class OnPolicyNaturalAlgorithm:
         self._started = False
         self._interrupt: int | None = None
         self._boundary: dict[str, Any] | None = None
+        self._pending: _Update | None = None  # an update whose critic fit may be in flight
+        self._fps_origin = (0.0, 0)
 
     def __getattr__(self, name: str) -> Any:
         """Options read as attributes (``agent.max_kl``) come from :attr:`cfg`."""
@@ -233,13 +256,17 @@ class OnPolicyNaturalAlgorithm:
         """The resolved options as a JSON-able dict, with ``env_id`` (``None``: a custom env)."""
         return {**self.cfg.to_dict(), "env_id": self._env_id}
 
-    def _sync_rollout_policy(self) -> None:
-        """Copy the updated parameters into the CPU policy the rollout acts with."""
+    def _sync_rollout_policy(self, critic: bool = True) -> None:
+        """Copy the updated parameters into the CPU policy the rollout acts with (the actor's
+        only with ``critic=False``: the critic fit is still running)."""
         if self.rollout_policy is not self.policy:
+            dst_policy, src_policy = (
+                (self.rollout_policy, self.policy)
+                if critic
+                else (self.rollout_policy.actor, self.policy.actor)
+            )
             with torch.no_grad():
-                for dst, src in zip(
-                    self.rollout_policy.parameters(), self.policy.parameters(), strict=True
-                ):
+                for dst, src in zip(dst_policy.parameters(), src_policy.parameters(), strict=True):
                     dst.copy_(src)
 
     # --- the training loop --------------------------------------------------------------------
@@ -269,6 +296,13 @@ class OnPolicyNaturalAlgorithm:
         With ``checkpoints``, a checkpoint is written every ``checkpoint_every`` updates (0:
         never periodically) and on SIGINT/SIGTERM, which then raise
         :class:`TrainingInterrupted` after saving.
+
+        With ``overlap_critic`` (and no SB3 callback), the scripted critic fit of update k runs
+        during rollout k+1, and update k ends after it: its metrics, callback, boundary state and
+        checkpoint come then (all as without the option, bit for bit; ``save()`` meanwhile waits
+        for the fit). A callback's ``False`` drops rollout k+1 by restoring update k's boundary
+        (exact where the envs support state snapshots, as on SIGINT), and a diverged critic is
+        raised there. The last update of a ``learn()`` ends before it returns.
         """
         if reset_num_timesteps:
             self.num_timesteps = 0
@@ -286,63 +320,120 @@ class OnPolicyNaturalAlgorithm:
         self._interrupt = None
         self._boundary = self._capture_state()
         t_start, steps_start = time.perf_counter(), self.num_timesteps
+        self._fps_origin = (t_start, steps_start)
         if sb3_callback is not None:
             sb3_callback.training_start(locals())
+        # overlap_critic: update k's critic fit runs during rollout k+1 (nothing in a rollout
+        # reads the critic); update k is finished and reported right after that rollout. SB3
+        # callbacks see the model at every env step, so they keep the fit inside the update.
+        overlap = self.overlap_critic and sb3_callback is None
         with deferred_signals(lambda: self._interrupt is not None, self._record_signal):
-            while self.num_timesteps < target:
-                t0 = time.perf_counter()
-                steps_before = self.num_timesteps
-                if sb3_callback is None:
-                    batch = self.collector.collect(lambda: self._interrupt is not None)
-                else:
-                    batch = self._collect_with(sb3_callback)
-                if batch is None and self._interrupt is None:  # an SB3 callback said stop
-                    self._boundary = self._capture_state()
-                    break
-                if batch is None:
-                    self._stop_on_signal(checkpoints)
-                t_rollout = time.perf_counter() - t0
-                # fewer than n_steps × n_envs if a Ray worker was lost
-                self.num_timesteps = steps_before + batch.rewards.numel()
-                if sb3_callback is not None:
-                    sb3_callback.rollout_end()
-                metrics = self.train_on_batch(batch)
-                self._sync_rollout_policy()
-                self.num_updates += 1
-                t_total = time.perf_counter() - t0
-                eps = self.collector.episodes
-                metrics = {
-                    "update": self.num_updates,
-                    "timesteps": self.num_timesteps,
-                    "ep_return_mean": float(np.mean([r for r, _ in eps])) if eps else float("nan"),
-                    "ep_length_mean": float(np.mean([n for _, n in eps])) if eps else float("nan"),
-                    "episodes": self.collector.episodes_in_rollout,
-                    "dropped": batch.dropped,
-                    **metrics,
-                    "time_rollout": t_rollout,
-                    "time_total": t_total,
-                    "steps_per_s": self.n_steps * self.n_envs / t_total,
-                    "fps": (self.num_timesteps - steps_start) / (time.perf_counter() - t_start),
-                }
-                if self.verbose:
-                    print(self._format(metrics), flush=True)
-                if self._logger is not None:
-                    record_metrics(self._logger, metrics, self.num_timesteps)
-                keep_going = callback(metrics) if callback is not None else True
-                self._boundary = self._capture_state()
-                if (
-                    checkpoints is not None
-                    and checkpoint_every
-                    and (self.num_updates % checkpoint_every == 0)
-                ):
-                    checkpoints.save(self._boundary, self.num_updates)
-                if self._interrupt is not None:
-                    self._stop_on_signal(checkpoints)
-                if keep_going is False:
-                    break
+            try:
+                while self.num_timesteps < target:
+                    t0 = time.perf_counter()
+                    steps_before = self.num_timesteps
+                    if sb3_callback is None:
+                        batch = self.collector.collect(lambda: self._interrupt is not None)
+                    else:
+                        batch = self._collect_with(sb3_callback)
+                    t_rollout = time.perf_counter() - t0
+                    if self._pending is not None:  # the last update's critic fit ran meanwhile
+                        keep_going = self._end_update(callback, checkpoints, checkpoint_every)
+                        if keep_going is False:  # drop this rollout: stop after that update
+                            self._restore_state(self._boundary)
+                            break
+                    if batch is None and self._interrupt is None:  # an SB3 callback said stop
+                        self._boundary = self._capture_state()
+                        break
+                    if batch is None:
+                        self._stop_on_signal(checkpoints)
+                    # fewer than n_steps × n_envs if a Ray worker was lost
+                    self.num_timesteps = steps_before + batch.rewards.numel()
+                    if sb3_callback is not None:
+                        sb3_callback.rollout_end()
+                    update = self._start_update(batch)
+                    self.num_updates += 1
+                    update.metrics = {**self._rollout_metrics(batch), **update.metrics}
+                    update.t_start, update.t_rollout = t0, t_rollout
+                    self._pending = update
+                    if (
+                        overlap
+                        and update.background is not None  # the scripted fit is running
+                        and self.num_timesteps < target  # another rollout follows
+                        and self._interrupt is None
+                        and divergence_cause(self.policy, update.metrics, self.max_kl, False)
+                        is None  # the actor is sound (the critic is checked when it is fitted)
+                    ):
+                        # The update ends after the next rollout; all of its boundary state
+                        # but the models is captured now (the models when the fit is done).
+                        self._sync_rollout_policy(critic=False)
+                        update.progress = self._capture_progress()
+                        update.t_total = time.perf_counter() - t0
+                        continue
+                    keep_going = self._end_update(callback, checkpoints, checkpoint_every)
+                    if keep_going is False:
+                        break
+            finally:
+                if self._pending is not None:  # an error: leave the critic fitted, not changing
+                    if self._pending.background is not None:
+                        self._pending.background.wait()
+                    self._pending = None
         if sb3_callback is not None:
             sb3_callback.training_end()
         return self
+
+    def _end_update(
+        self,
+        callback: Callback | None,
+        checkpoints: CheckpointManager | None,
+        checkpoint_every: int,
+    ) -> bool | None:
+        """Finish the pending update (its critic fit and the divergence guard), report it
+        (verbose, logger, callback), record the update boundary and checkpoint it; returns the
+        callback's answer (``False``: stop training)."""
+        update, self._pending = self._pending, None
+        assert update is not None
+        metrics = self._finish_update(update)
+        self._sync_rollout_policy()
+        t_total = update.t_total or time.perf_counter() - update.t_start
+        t_start, steps_start = self._fps_origin
+        metrics = {
+            **metrics,
+            "time_rollout": update.t_rollout,
+            "time_total": t_total,
+            "steps_per_s": self.n_steps * self.n_envs / t_total,
+            "fps": (self.num_timesteps - steps_start) / (time.perf_counter() - t_start),
+        }
+        if self.verbose:
+            print(self._format(metrics), flush=True)
+        if self._logger is not None:
+            record_metrics(self._logger, metrics, self.num_timesteps)
+        keep_going = callback(metrics) if callback is not None else True
+        if update.progress is None:
+            self._boundary = self._capture_state()
+        else:
+            self._boundary = self._complete_state(update.progress)
+        if (
+            checkpoints is not None
+            and checkpoint_every
+            and self.num_updates % checkpoint_every == 0
+        ):
+            checkpoints.save(self._boundary, self.num_updates)
+        if self._interrupt is not None:
+            self._stop_on_signal(checkpoints)
+        return keep_going
+
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, Any]:
+        """The first columns of an update's metrics: counters and episode statistics."""
+        eps = self.collector.episodes
+        return {
+            "update": self.num_updates,
+            "timesteps": self.num_timesteps,
+            "ep_return_mean": float(np.mean([r for r, _ in eps])) if eps else float("nan"),
+            "ep_length_mean": float(np.mean([n for _, n in eps])) if eps else float("nan"),
+            "episodes": self.collector.episodes_in_rollout,
+            "dropped": batch.dropped,
+        }
 
     def _record_signal(self, signum: int) -> None:
         """A SIGINT/SIGTERM arrived: stop at the next update boundary."""
@@ -405,6 +496,11 @@ class OnPolicyNaturalAlgorithm:
 
     def train_on_batch(self, batch: RolloutBatch) -> dict[str, Any]:
         """GAE, the policy step and the critic fit on one rollout; returns metrics."""
+        return self._finish_update(self._start_update(batch))
+
+    def _start_update(self, batch: RolloutBatch) -> _Update:
+        """GAE and the policy step on one rollout, the critic fit started (in a background
+        thread where it is the scripted Adam fit; :meth:`_finish_update` completes it)."""
         policy, critic = self.policy, self.policy.critic
         t, e = batch.rewards.shape
         dev = self.device
@@ -425,6 +521,8 @@ class OnPolicyNaturalAlgorithm:
         valid = batch.valid.reshape(-1)
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
         obs = obs_all if keep is None else obs_all[keep.to(dev)]
+        if self.overlap_critic and obs.data_ptr() == batch.obs.data_ptr():
+            obs = obs.clone()  # the critic fit may outlast the batch: the next rollout refills it
         actions = batch.actions.reshape(t * e, *batch.actions.shape[2:])
         advantages = adv.reshape(-1)
         returns = ret.reshape(-1)
@@ -440,7 +538,7 @@ class OnPolicyNaturalAlgorithm:
         critic_before = flat_params(critic).clone()
         # The critic fit does not depend on the policy step: where it is the scripted Adam fit of
         # this class's own _critic_update, it runs in a background thread (without the GIL)
-        # while this thread takes the step.
+        # while this thread takes the step (and, with overlap_critic, the next rollout).
         perms = self._critic_perms(obs.shape[0], obs.device)
         activation = scripted_activation(critic, self.vf_optimizer)
         background = None
@@ -455,15 +553,31 @@ class OnPolicyNaturalAlgorithm:
             if background is not None:
                 background.wait()  # never leave the critic changing behind the caller's back
             raise
-        if background is not None:
-            losses, metrics["time_critic"] = background.result()
+        return _Update(
+            self.num_updates + 1,
+            metrics,
+            background,
+            obs,
+            returns,
+            perms,
+            values_flat,
+            actor_before,
+            critic_before,
+        )
+
+    def _finish_update(self, u: _Update) -> dict[str, Any]:
+        """The critic fit of update ``u`` (joined, or run here), its metrics and the divergence
+        guard; returns the update's metrics."""
+        metrics = u.metrics
+        if u.background is not None:
+            losses, metrics["time_critic"] = u.background.result()  # re-raises the fit's error
             metrics["value_loss"] = _mean_loss(losses)
         else:
             t0 = time.perf_counter()
-            metrics.update(self._critic_update(obs, returns, perms))
+            metrics.update(self._critic_update(u.obs, u.returns, u.perms))
             metrics["time_critic"] = time.perf_counter() - t0
-        metrics["explained_variance"] = explained_variance(values_flat, returns.cpu())
-        self._check_update(actor_before, critic_before, metrics)
+        metrics["explained_variance"] = explained_variance(u.values_flat, u.returns.cpu())
+        self._check_update(u, metrics)
         return metrics
 
     # --- the two halves of an update ----------------------------------------------------------
@@ -575,19 +689,17 @@ class OnPolicyNaturalAlgorithm:
                 losses.append(loss.detach())
         return {"value_loss": _mean_loss(torch.stack(losses) if losses else torch.zeros(0))}
 
-    def _check_update(
-        self, actor_before: Tensor, critic_before: Tensor, metrics: dict[str, Any]
-    ) -> None:
+    def _check_update(self, u: _Update, metrics: dict[str, Any]) -> None:
         """The divergence guard: roll the parameters back and raise, naming the cause, if the
         update diverged (:func:`agents.guard.divergence_cause`)."""
         cause = divergence_cause(self.policy, metrics, self.max_kl)
         if cause is None:
             return
-        set_flat_params(self.policy.actor, actor_before)
-        set_flat_params(self.policy.critic, critic_before)
+        set_flat_params(self.policy.actor, u.actor_before)
+        set_flat_params(self.policy.critic, u.critic_before)
         error = NonFiniteParametersError if cause.startswith("non-finite") else DivergenceError
         raise error(
-            f"update {self.num_updates + 1} diverged: {cause}; rolled back to the previous "
+            f"update {u.number} diverged: {cause}; rolled back to the previous "
             f"parameters. Lower max_kl (now {self.max_kl:g}) or vf_lr, or raise cg_damping"
         )
 
@@ -648,13 +760,28 @@ class OnPolicyNaturalAlgorithm:
 
     def _capture_state(self) -> dict[str, Any]:
         """Everything needed to continue training bit-identically (deep copies)."""
+        return self._complete_state(self._capture_progress())
+
+    def _complete_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fill the config and the models into a :meth:`_capture_progress` dict (after waiting
+        for a critic fit in flight: the saved critic is the fitted one)."""
+        if self._pending is not None and self._pending.background is not None:
+            self._pending.background.wait()
+        state["config"] = copy.deepcopy(self.config)
+        state["policy"] = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
+        state["vf_optimizer"] = tensors_to(self.vf_optimizer.state_dict(), "cpu")
+        return state
+
+    def _capture_progress(self) -> dict[str, Any]:
+        """:meth:`_capture_state` but for the config and models (``None`` until
+        :meth:`_complete_state`): the normalizers, counters, RNG, envs and rollout."""
         state = {
             "format": FORMAT,
             "version": 1,
             "algo": self.algo_name,
-            "config": copy.deepcopy(self.config),
-            "policy": {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()},
-            "vf_optimizer": tensors_to(self.vf_optimizer.state_dict(), "cpu"),
+            "config": None,
+            "policy": None,
+            "vf_optimizer": None,
             "obs_normalizer": self.obs_normalizer.state_dict(),
             "reward_scaler": self.reward_scaler.state_dict(),
             "num_timesteps": self.num_timesteps,

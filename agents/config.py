@@ -112,6 +112,11 @@ class AgentConfig:
     num_threads: int | None = _opt(1, "torch intra-op threads (None: leave torch's setting)")
     tensorboard_log: str | None = _opt(None, "TensorBoard folder (SB3 style)")
     verbose: int = _opt(0, "1: print one line per update")
+    overlap_critic: bool = _opt(
+        False,
+        "run the critic's scripted Adam fit of update k during rollout k+1 (bit-identical; "
+        "update k is reported, and its callback runs, after that rollout)",
+    )
 
     #: options that get no flag in scripts/train.py (set there, or not options of this algorithm)
     cli_hidden: ClassVar[frozenset[str]] = frozenset(
@@ -296,6 +301,7 @@ class KFACNACConfig(AgentConfig):
         "preconditioner",
         "line_search_max_iter",
         "line_search_shrink",
+        "overlap_critic",  # its critic fits (K-FAC or Adam) run in order, in this thread
     }
 
     def _validate_policy_step(self) -> None:

@@ -24,13 +24,15 @@ class DivergenceError(RuntimeError):
 
 
 def divergence_cause(
-    policy: ActorCriticPolicy, metrics: dict[str, Any], max_kl: float
+    policy: ActorCriticPolicy, metrics: dict[str, Any], max_kl: float, critic: bool = True
 ) -> str | None:
     """Why the update that produced ``policy`` and ``metrics`` diverged, or ``None`` if it did
     not: non-finite parameters, ``|log_std| > LOG_STD_LIMIT``, a non-finite realized KL or one
     above ``KL_LIMIT_FACTOR · max_kl``, or an infinite value loss (NaN is the loss of no critic
-    step, ``vf_epochs=0``; NaN parameters are caught first)."""
-    bad = [n for n, p in policy.named_parameters() if not bool(p.isfinite().all())]
+    step, ``vf_epochs=0``; NaN parameters are caught first). ``critic=False`` checks the actor
+    only (while the critic fit is still running)."""
+    named = policy.named_parameters() if critic else policy.actor.named_parameters("actor")
+    bad = [n for n, p in named if not bool(p.isfinite().all())]
     if bad:
         return f"non-finite parameters ({', '.join(bad)})"
     actor = policy.actor

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -176,12 +177,18 @@ def _action_dim(env_id: str) -> int:
 
 
 def run_ours(
-    env_id: str, steps: int, seed: int, episodes: int, kl_match: str = "sum"
+    env_id: str,
+    steps: int,
+    seed: int,
+    episodes: int,
+    kl_match: str = "sum",
+    overlap_critic: bool = False,
 ) -> dict[str, Any]:
     """Our TRPO (exact Fisher) on a Gymnasium ``SyncVectorEnv``."""
     import torch
 
     from agents import TRPO
+    from agents.checkpoint import content_digest
 
     torch.set_num_threads(1)
     hp = _hyperparameters(env_id)
@@ -190,23 +197,48 @@ def run_ours(
     train_cpu: list[float] = []
 
     class TimedTRPO(TRPO):
-        def train_on_batch(self, batch: Any) -> dict[str, Any]:
+        # an update's CPU time: GAE + policy step, then joining (or running) the critic fit
+        # (with overlap_critic, the part of the fit that ran during the next rollout is not in it)
+        def _start_update(self, batch: Any) -> Any:
             c0 = time.process_time()
-            out = super().train_on_batch(batch)
+            out = super()._start_update(batch)
             train_cpu.append(time.process_time() - c0)
             return out
 
-    model = TimedTRPO("MlpPolicy", env_id, seed=seed, vectorization="sync", num_threads=1, **hp)
+        def _finish_update(self, update: Any) -> dict[str, Any]:
+            c0 = time.process_time()
+            out = super()._finish_update(update)
+            train_cpu[update.number - 1] += time.process_time() - c0
+            return out
+
+    model = TimedTRPO(
+        "MlpPolicy",
+        env_id,
+        seed=seed,
+        vectorization="sync",
+        num_threads=1,
+        overlap_critic=overlap_critic,
+        **hp,
+    )
     metrics: list[dict[str, Any]] = []
+    clocks: list[tuple[float, float]] = []  # (wall, process CPU) at every update's report
+
+    def record(m: dict[str, Any]) -> None:
+        metrics.append(m)
+        clocks.append((time.perf_counter(), time.process_time()))
+
     t0, c0 = time.perf_counter(), time.process_time()
-    model.learn(steps, callback=metrics.append)
+    model.learn(steps, callback=record)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # one iteration (rollout + update) in the steady state: between consecutive reports
+    between = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(clocks, clocks[1:], strict=False)]
     update = [m["time_total"] - m["time_rollout"] for m in metrics]
 
     def act(obs: np.ndarray) -> Any:
         return model.predict(obs, deterministic=True)[0]
 
-    returns = _evaluate(act, env_id, episodes)
+    nan = float("nan")
+    returns = _evaluate(act, env_id, episodes) if episodes else [nan]
     split = {
         f"{k}_total": sum(m[k] for m in metrics)
         for k in ("time_rollout", "time_fisher_cg", "time_line_search", "time_critic")
@@ -219,8 +251,13 @@ def run_ours(
         "update_s_median": statistics.median(update),
         "update_cpu_s_median": statistics.median(train_cpu),
         "update_s_total": sum(update),
+        "iteration_s_median": statistics.median(w for w, _ in between) if between else nan,
+        "iteration_cpu_s_median": statistics.median(c for _, c in between) if between else nan,
         "eval_return": float(np.mean(returns)),
         "max_kl": hp["max_kl"],
+        "params_digest": content_digest(
+            {"policy": model.policy.state_dict(), "vf": model.vf_optimizer.state_dict()}
+        ),
         **split,
     }
 
@@ -229,22 +266,80 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "sb3":
         out = run_sb3(args.env, args.steps[0], args.seed, args.eval_episodes)
     else:
-        out = run_ours(args.env, args.steps[0], args.seed, args.eval_episodes, args.kl_match)
+        out = run_ours(
+            args.env,
+            args.steps[0],
+            args.seed,
+            args.eval_episodes,
+            args.kl_match,
+            args.overlap_critic,
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _spawn(
-    impl: str, env_id: str, steps: int, seed: int, episodes: int, kl_match: str
+    impl: str,
+    env_id: str,
+    steps: int,
+    seed: int,
+    episodes: int,
+    kl_match: str,
+    overlap_critic: bool = False,
 ) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker", impl, "--env", env_id, "--steps", str(steps),
         "--seed", str(seed), "--eval-episodes", str(episodes), "--kl-match", kl_match,
-    ]  # fmt: skip
+    ] + (["--overlap-critic"] if overlap_critic else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{impl} {env_id} seed {seed} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def overlap_compare(args: argparse.Namespace, out: Path) -> int:
+    """Ours with ``overlap_critic`` off and on (the order flips on every seed): per update, the
+    whole ``learn()``'s wall and process CPU time over its updates, and the steady-state medians
+    of one iteration (rollout + update: the intervals between consecutive update reports, so the
+    first update with TorchScript's compilation is left out); the 1-minute load average before
+    each run; and whether both modes end with bit-identical parameters."""
+    rows: list[dict[str, Any]] = []
+    for env_id, steps in zip(args.envs, args.steps, strict=True):
+        for i, seed in enumerate(args.seeds):
+            for overlap in (False, True) if i % 2 == 0 else (True, False):
+                load = os.getloadavg()[0]
+                r = _spawn("ours", env_id, steps, seed, args.eval_episodes, args.kl_match, overlap)
+                row = {"env": env_id, "steps": steps, "seed": seed, "overlap_critic": overlap}
+                row.update(r, load_before=load)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    with open(out / f"bench_overlap{args.tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("ms per update, overlap_critic off / on (learn: whole run / updates; iter: median)")
+    print("env         seed  learn wall     learn CPU      iter wall      iter CPU       load")
+    for env_id in args.envs:
+        for seed in args.seeds:
+            off, on = (
+                next(r for r in rows if (r["env"], r["seed"], r["overlap_critic"]) == key)
+                for key in ((env_id, seed, False), (env_id, seed, True))
+            )
+            cells = [
+                f"{1e3 * off[k] / n(off):6.0f} / {1e3 * on[k] / n(on):<4.0f}"
+                for k, n in (
+                    ("wall_s", lambda r: r["updates"]),
+                    ("cpu_s", lambda r: r["updates"]),
+                    ("iteration_s_median", lambda r: 1),
+                    ("iteration_cpu_s_median", lambda r: 1),
+                )
+            ]
+            same = off["params_digest"] == on["params_digest"]
+            print(
+                f"{env_id:10s} {seed:4d}  {'  '.join(cells)}  "
+                f"{off['load_before']:.2f} / {on['load_before']:.2f}  bit-identical {same}"
+            )
+    return 0
 
 
 def _summary(rows: list[dict[str, Any]], env_id: str) -> dict[str, Any]:
@@ -489,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-match", choices=["nominal", "sum"], default="sum")
     p.add_argument("--impls", nargs="+", default=["sb3", "ours"], choices=["sb3", "ours"])
     p.add_argument("--from-csv", default=None, help="only summarize/plot this bench_runs CSV")
+    p.add_argument(
+        "--overlap-critic",
+        action="store_true",
+        help="only ours, overlap_critic off vs on (bench_overlap.csv and a table per seed)",
+    )
     p.add_argument("--worker", choices=["sb3", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--env", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -509,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps needs one value per --envs entry")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overlap_critic:
+        return overlap_compare(args, out)
     rows: list[dict[str, Any]] = []
     runs_path = out / f"bench_runs{args.tag}.csv"
     if args.from_csv:
