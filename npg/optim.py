@@ -229,6 +229,15 @@ class NGD(Optimizer):
             self.state[_STATE_KEY] = {"step": 0, "damping": self.param_groups[0]["damping"]}
         return self.state[_STATE_KEY]
 
+    def _batch_norm_context(
+        self, inputs: Inputs, *, per_sample: bool
+    ) -> contextlib.AbstractContextManager:
+        """:func:`batch_norm_for_curvature` for a model with BatchNorm layers; no module walk on
+        every step for the others."""
+        if not self._batch_norm:
+            return contextlib.nullcontext()
+        return batch_norm_for_curvature(self.model, inputs, per_sample=per_sample)
+
     # --- curvature -----------------------------------------------------------------------------
     def _closure_factors(
         self, inputs: Inputs, targets: Tensor | None, family: Family, step: int
@@ -379,9 +388,7 @@ class NGD(Optimizer):
                     "taken (the parameters are unchanged)"
                 )
 
-        with batch_norm_for_curvature(
-            self.model, inputs, per_sample=get_flavour(self.fisher).per_sample
-        ):
+        with self._batch_norm_context(inputs, per_sample=get_flavour(self.fisher).per_sample):
             self._captured_factors = capture.factors if capture is not None else None
             fmv, fsolve, info = self._curvature(inputs, targets, lik.family, k, lam / s)
             self._captured_factors = None
@@ -421,7 +428,7 @@ class NGD(Optimizer):
 
         predicted = info.get("predicted_change", 0.0)
         if self.adaptive_damping and loss is not None and predicted != 0:  # 0: no step taken
-            with batch_norm_for_curvature(self.model, inputs, per_sample=False):  # buffers kept
+            with self._batch_norm_context(inputs, per_sample=False):  # buffers kept
                 new_loss = self._reevaluate(closure, inputs, targets)
             actual = float(new_loss.detach()) - float(loss.detach())
             rho = actual / predicted if predicted < 0 else -math.inf

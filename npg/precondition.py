@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from npg.families import Family
-from npg.model import Inputs, batch_norm_for_curvature, batch_size
+from npg.model import Inputs, batch_size
 from npg.optim import NGD
 
 
@@ -115,7 +115,7 @@ class KFACPreconditioner:
         step, lam = int(st["step"]), float(st["damping"])
         lik = ngd._get_likelihood(inputs)
         s = lik.scale(batch_size(inputs))
-        with torch.enable_grad(), batch_norm_for_curvature(ngd.model, inputs, per_sample=True):
+        with torch.enable_grad(), ngd._batch_norm_context(inputs, per_sample=True):
             ngd._curvature(inputs, targets, lik.family, step, lam / s)
         clip = self.kl_clip is not None
         parts, curv = ngd._kfac.precondition(grads, "dot" if clip else None)
